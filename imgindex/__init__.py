@@ -1,0 +1,1 @@
+"""imgindex: index PACS/DICOM metadata, join it with OMOP EMR data, export cohorts."""

@@ -1,0 +1,412 @@
+"""Header extraction: one DICOM file to one typed ``instances`` row (and its rejects).
+
+Reads headers only (:func:`imgindex.headers.read_header`), never pixel data. Each attribute
+of the schema (:mod:`imgindex.schema`) is converted from its raw bytes to the column's type.
+A value that does not parse (a date ``20231301``, a DS ``abc``) becomes null and a
+``rejects`` row with ``level='value'``; a file that cannot be indexed at all becomes a
+``rejects`` row with ``level='file'`` and the reason.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import struct
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydicom.charset import python_encoding
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.multival import MultiValue
+from pydicom.values import convert_value
+
+from imgindex.errors import DicomReadError
+from imgindex.headers import read_header
+from imgindex.schema import DEFAULT_ATTRIBUTES, UID_KEYWORDS, Attribute
+
+if TYPE_CHECKING:
+    import os
+    from collections.abc import Sequence
+
+__all__ = [
+    "REJECT_REASONS",
+    "Extraction",
+    "Extractor",
+    "reject_row",
+]
+
+#: Why a file or a value was rejected.
+REJECT_REASONS: dict[str, str] = {
+    "unreadable": "the operating system refused to open or read the file",
+    "empty": "the file has no bytes",
+    "no_preamble": "no 128-byte preamble and 'DICM' prefix (PS3.10 7.1); index with --force",
+    "not_dicom": "the file is not DICOM",
+    "truncated": "the file ends inside an element (header or pixel data)",
+    "malformed": "the file's structure does not follow PS3.5",
+    "missing_uid": "SOPInstanceUID, SeriesInstanceUID or StudyInstanceUID is missing or empty",
+    "dicomdir": "a media directory (DICOMDIR), not an instance; its files are indexed themselves",
+    "bad_value": "a value does not parse for its VR; the column is null",
+    "no_pixel_data": "image attributes (Rows, Columns) but no Pixel Data: possibly cut short",
+}
+
+_DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+_DEFAULT_CHARSETS = frozenset({"", "ISO_IR 6", "ISO 2022 IR 6"})
+_TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "PN"})
+_BINARY = {
+    "US": "H",
+    "SS": "h",
+    "UL": "L",
+    "SL": "l",
+    "UV": "Q",
+    "SV": "q",
+    "FL": "f",
+    "FD": "d",
+}
+
+
+class BadValueError(ValueError):
+    """A value does not parse for its VR."""
+
+
+@dataclass
+class Extraction:
+    """The outcome of extracting one file: a row, or a file-level reject, and value rejects."""
+
+    row: dict[str, Any] | None
+    rejects: list[dict[str, Any]] = field(default_factory=list)
+    size_bytes: int = 0
+
+
+def reject_row(
+    *,
+    location: str,
+    level: str,
+    reason: str,
+    message: str,
+    source: str,
+    indexed_at: dt.datetime,
+    sop_instance_uid: str | None = None,
+    keyword: str | None = None,
+    tag: str | None = None,
+    value: str | None = None,
+    size_bytes: int | None = None,
+) -> dict[str, Any]:
+    """A ``rejects`` row; its ``reject_id`` is stable, so indexing again updates it."""
+    key = f"{location}|{level}|{reason}|{keyword or ''}"
+    return {
+        "reject_id": hashlib.blake2b(key.encode(), digest_size=16).hexdigest(),
+        "level": level,
+        "reason": reason,
+        "location": location,
+        "source": source,
+        "SOPInstanceUID": sop_instance_uid,
+        "keyword": keyword,
+        "tag": tag,
+        "value": value,
+        "message": message,
+        "size_bytes": size_bytes,
+        "indexed_at": indexed_at,
+    }
+
+
+class Extractor:
+    """Turns DICOM files into ``instances`` rows.
+
+    Parameters
+    ----------
+    attributes : sequence of Attribute
+        The columns to fill (default :data:`imgindex.schema.DEFAULT_ATTRIBUTES`).
+    source : str
+        Written to the ``source`` column (where the instance came from).
+    force : bool
+        Also read files without the PS3.10 preamble.
+    """
+
+    def __init__(
+        self,
+        attributes: Sequence[Attribute] = DEFAULT_ATTRIBUTES,
+        *,
+        source: str,
+        force: bool = False,
+    ) -> None:
+        self.attributes = tuple(attributes)
+        self.source = source
+        self.force = force
+        self._tags = frozenset(a.tag for a in self.attributes)
+        self._by_tag = {a.tag: a for a in self.attributes}
+        self._charset_tag = next(
+            a.tag for a in self.attributes if a.keyword == "SpecificCharacterSet"
+        )
+
+    def extract_file(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        location: str | None = None,
+        indexed_at: dt.datetime | None = None,
+    ) -> Extraction:
+        """Extract the row for the file at ``path``; never raises for bad input.
+
+        ``location`` defaults to the file's ``file://`` URI.
+        """
+        now = indexed_at or dt.datetime.now(dt.UTC)
+        location = location or Path(path).absolute().as_uri()
+        try:
+            header = read_header(path, self._tags, force=self.force)
+        except DicomReadError as exc:
+            try:
+                size = Path(path).stat().st_size
+            except OSError:
+                size = None
+            return Extraction(
+                None,
+                [
+                    reject_row(
+                        location=location,
+                        level="file",
+                        reason=exc.reason,
+                        message=str(exc),
+                        source=self.source,
+                        indexed_at=now,
+                        size_bytes=size,
+                    )
+                ],
+                size or 0,
+            )
+
+        rejects: list[dict[str, Any]] = []
+        row: dict[str, Any] = {}
+        charset = self._charset(header.elements)
+        for tag, elem in header.elements.items():
+            attr = self._by_tag.get(tag)
+            if attr is None:
+                continue
+            try:
+                row[attr.keyword] = _convert(attr, elem, charset, header.little_endian)
+            except (BadValueError, ValueError, struct.error, LookupError) as exc:
+                raw = elem.value if isinstance(elem, RawDataElement) else elem.value
+                text = raw.decode("latin-1", "replace") if isinstance(raw, bytes) else str(raw)
+                rejects.append(
+                    reject_row(
+                        location=location,
+                        level="value",
+                        reason="bad_value",
+                        message=f"{attr.keyword} {attr.tag_text} ({attr.vr}): {exc}",
+                        source=self.source,
+                        indexed_at=now,
+                        keyword=attr.keyword,
+                        tag=attr.tag_text,
+                        value=text[:64],
+                        size_bytes=header.size_bytes,
+                    )
+                )
+                row[attr.keyword] = None
+
+        missing = [k for k in UID_KEYWORDS if not row.get(k)]
+        if missing:
+            is_dicomdir = header.media_sop_class == _DICOMDIR_SOP_CLASS
+            reason = "dicomdir" if is_dicomdir else "missing_uid"
+            message = (
+                REJECT_REASONS["dicomdir"]
+                if is_dicomdir
+                else "missing or empty: " + ", ".join(missing)
+            )
+            file_reject = reject_row(
+                location=location,
+                level="file",
+                reason=reason,
+                message=message,
+                source=self.source,
+                indexed_at=now,
+                sop_instance_uid=row.get("SOPInstanceUID"),
+                size_bytes=header.size_bytes,
+            )
+            return Extraction(None, [file_reject], header.size_bytes)
+
+        if not header.has_pixel_data and row.get("Rows") and row.get("Columns"):
+            rejects.append(
+                reject_row(
+                    location=location,
+                    level="value",
+                    reason="no_pixel_data",
+                    message=REJECT_REASONS["no_pixel_data"],
+                    source=self.source,
+                    indexed_at=now,
+                    sop_instance_uid=row["SOPInstanceUID"],
+                    keyword="PixelData",
+                    tag="(7FE0,0010)",
+                    size_bytes=header.size_bytes,
+                )
+            )
+        for reject in rejects:
+            reject["SOPInstanceUID"] = row["SOPInstanceUID"]
+        row["TransferSyntaxUID"] = header.transfer_syntax
+        row["source"] = self.source
+        row["location"] = location
+        row["size_bytes"] = header.size_bytes
+        row["indexed_at"] = now
+        return Extraction(row, rejects, header.size_bytes)
+
+    def _charset(self, elements: dict[int, RawDataElement | DataElement]) -> _Charset | None:
+        elem = elements.get(self._charset_tag)
+        if elem is None:
+            return None
+        value = elem.value
+        if isinstance(value, bytes):
+            names = [v.strip() for v in value.decode("ascii", "replace").split("\\")]
+        elif isinstance(value, str):
+            names = [value]
+        else:
+            names = [str(v) for v in value] if value else []
+        if all(n in _DEFAULT_CHARSETS for n in names):
+            return None
+        # One character set without code extensions decodes as a plain codec (PS3.5 6.1.2.5).
+        codec = python_encoding.get(names[0]) if len(names) == 1 else None
+        if codec is not None and names[0].startswith("ISO 2022"):
+            codec = None
+        return _Charset(names, codec)
+
+
+@dataclass(frozen=True)
+class _Charset:
+    names: list[str]
+    codec: str | None
+
+
+def _convert(
+    attr: Attribute,
+    elem: RawDataElement | DataElement,
+    charset: _Charset | None,
+    little_endian: bool,
+) -> Any:
+    """Convert one element to the Python value of its column (None when empty)."""
+    vr = elem.VR if elem.VR and elem.VR != "UN" else attr.vr
+    if isinstance(elem, DataElement):
+        values = _from_pydicom(elem.value)
+    else:
+        raw = elem.value or b""
+        if vr in _BINARY:
+            fmt = _BINARY[vr]
+            count = len(raw) // struct.calcsize(fmt)
+            order = "<" if little_endian else ">"
+            values = list(
+                struct.unpack(f"{order}{count}{fmt}", raw[: count * struct.calcsize(fmt)])
+            )
+        elif charset is not None and vr in _TEXT_VRS and charset.codec is None:
+            # ISO 2022 code extensions: pydicom switches character sets at escapes.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # pydicom falls back to a default charset
+                values = _from_pydicom(convert_value(vr, elem, charset.names))
+        else:
+            codec = charset.codec if charset is not None and vr in _TEXT_VRS else "latin-1"
+            text = raw.decode(codec or "latin-1", "replace").rstrip("\x00 ").lstrip(" ")
+            if not text:
+                return None
+            values = text.split("\\") if attr.multi or attr.vr not in _TEXT_VRS else [text]
+    parsed = [_parse(attr.vr, v) for v in values]
+    parsed = [p for p in parsed if p is not None] if attr.multi else parsed
+    if attr.multi:
+        return parsed or None
+    return parsed[0] if parsed else None
+
+
+def _from_pydicom(value: Any) -> list[Any]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, MultiValue | list | tuple):
+        return [v for v in value]
+    return [value]
+
+
+def _parse(vr: str, value: Any) -> Any:
+    """Parse one value (text or number) for the column type of ``vr``."""
+    if isinstance(value, str):
+        value = value.strip(" \x00")
+        if value == "":
+            return None
+    if vr == "DA":
+        return _parse_date(value)
+    if vr == "TM":
+        return _parse_time(value)
+    if vr == "DT":
+        return _parse_datetime(value)
+    if vr in ("IS", "SS", "US", "SL", "UL", "SV", "UV"):
+        return _parse_int(value)
+    if vr in ("DS", "FL", "FD"):
+        return _parse_float(value)
+    return str(value)
+
+
+def _parse_int(value: Any) -> int:
+    if isinstance(value, int):
+        return value
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        number = _parse_float(value)
+        if not number.is_integer():
+            raise BadValueError(f"{value!r} is not an integer") from None
+        return int(number)
+
+
+def _parse_float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise BadValueError(f"{value!r} is not a number") from None
+
+
+def _parse_date(value: Any) -> dt.date:
+    if isinstance(value, dt.date):
+        return value
+    text = str(value)
+    if len(text) == 10 and text[4] == "." and text[7] == ".":  # ACR-NEMA 300 form
+        text = text.replace(".", "")
+    if len(text) != 8 or not text.isdigit():
+        raise BadValueError(f"{value!r} is not a date YYYYMMDD")
+    try:
+        return dt.date(int(text[:4]), int(text[4:6]), int(text[6:]))
+    except ValueError as exc:
+        raise BadValueError(f"{value!r} is not a date: {exc}") from None
+
+
+def _parse_time(value: Any) -> str:
+    if isinstance(value, dt.time):
+        return value.isoformat()
+    text = str(value)
+    if ":" in text:  # ACR-NEMA 300 form HH:MM:SS
+        text = text.replace(":", "")
+    whole, _, fraction = text.partition(".")
+    if not whole.isdigit() or len(whole) not in (2, 4, 6) or (fraction and not fraction.isdigit()):
+        raise BadValueError(f"{value!r} is not a time HHMMSS.FFFFFF")
+    try:
+        hour = int(whole[:2])
+        minute = int(whole[2:4] or 0)
+        second = min(int(whole[4:6] or 0), 59)  # PS3.5 allows 60 for a leap second
+        micro = int((fraction + "000000")[:6]) if fraction else 0
+        return dt.time(hour, minute, second, micro).isoformat()
+    except ValueError as exc:
+        raise BadValueError(f"{value!r} is not a time: {exc}") from None
+
+
+def _parse_datetime(value: Any) -> dt.datetime:
+    if isinstance(value, dt.datetime):
+        return value.replace(tzinfo=dt.UTC)
+    text = str(value)
+    for sign in "+-":
+        if sign in text[4:]:
+            text = text[: 4 + text[4:].index(sign)]
+    whole, _, fraction = text.partition(".")
+    if not whole.isdigit() or len(whole) not in (4, 6, 8, 10, 12, 14):
+        raise BadValueError(f"{value!r} is not a date-time YYYYMMDDHHMMSS.FFFFFF")
+    parts = [int(whole[i : i + 2]) for i in range(4, len(whole), 2)]
+    month, day, hour, minute, second = (*parts, *([1, 1, 0, 0, 0][len(parts) :]))
+    micro = int((fraction + "000000")[:6]) if fraction.isdigit() else 0
+    try:
+        return dt.datetime(
+            int(whole[:4]), month, day, hour, minute, min(second, 59), micro, tzinfo=dt.UTC
+        )
+    except ValueError as exc:
+        raise BadValueError(f"{value!r} is not a date-time: {exc}") from None

@@ -1,0 +1,24 @@
+"""Errors raised by :mod:`storage`.
+
+::
+
+    StorageError (Exception)
+    ├── TableNotFoundError (StorageError, FileNotFoundError)
+    └── ConflictError (StorageError)   a commit lost against concurrent writers too often
+"""
+
+from __future__ import annotations
+
+__all__ = ["ConflictError", "StorageError", "TableNotFoundError"]
+
+
+class StorageError(Exception):
+    """Base class of every error raised on purpose by :mod:`storage`."""
+
+
+class TableNotFoundError(StorageError, FileNotFoundError):
+    """A table was read before anything was written to it."""
+
+
+class ConflictError(StorageError):
+    """A commit kept conflicting with concurrent writers after every retry."""
