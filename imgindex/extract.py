@@ -186,7 +186,7 @@ class Extractor:
             try:
                 row[attr.keyword] = _convert(attr, elem, charset, header.little_endian)
             except (BadValueError, ValueError, struct.error, LookupError) as exc:
-                raw = elem.value if isinstance(elem, RawDataElement) else elem.value
+                raw = elem.value
                 text = raw.decode("latin-1", "replace") if isinstance(raw, bytes) else str(raw)
                 rejects.append(
                     reject_row(
@@ -316,7 +316,7 @@ def _from_pydicom(value: Any) -> list[Any]:
     if value is None or value == "":
         return []
     if isinstance(value, MultiValue | list | tuple):
-        return [v for v in value]
+        return list(value)
     return [value]
 
 

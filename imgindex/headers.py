@@ -328,7 +328,8 @@ def _read_with_pydicom(fp: BinaryIO, wanted: frozenset[int], size: int, *, force
     except EOFError as exc:
         raise DicomReadError("truncated", f"the file ends early: {exc}") from exc
     except Exception as exc:
-        raise DicomReadError("malformed", f"pydicom cannot read it: {type(exc).__name__}: {exc}")
+        message = f"pydicom cannot read it: {type(exc).__name__}: {exc}"
+        raise DicomReadError("malformed", message) from exc
     meta = getattr(ds, "file_meta", None)
     ts = str(meta.TransferSyntaxUID) if meta is not None and "TransferSyntaxUID" in meta else None
     media = meta.get("MediaStorageSOPClassUID") if meta is not None else None
@@ -336,6 +337,8 @@ def _read_with_pydicom(fp: BinaryIO, wanted: frozenset[int], size: int, *, force
         raise DicomReadError("not_dicom", "no DICOM elements could be read")
     # After stop_before_pixels pydicom leaves the file at the pixel data element, if any.
     has_pixels = fp.tell() < size
-    elements = {int(tag): ds.get_item(tag) for tag in ds.keys()}
+    # keys(), not iteration: iterating a Dataset converts every raw element.
+    tags = list(ds.keys())
+    elements: dict[int, RawDataElement | DataElement] = {int(t): ds.get_item(t) for t in tags}
     little = ds.original_encoding[1] is not False
     return Header(elements, ts, size, has_pixels, little, str(media) if media else None)

@@ -23,6 +23,7 @@ from imgindex.schema import DEFAULT_ATTRIBUTES, REJECT_SCHEMA, Attribute, instan
 from storage import Table
 
 if TYPE_CHECKING:
+    import os
     from collections.abc import Iterable, Sequence
 
 __all__ = ["TABLE_NAMES", "Index", "IndexWriter"]
@@ -195,7 +196,7 @@ class IndexWriter:
     """
 
     def __init__(
-        self, root: str | Path, attributes: Sequence[Attribute] = DEFAULT_ATTRIBUTES
+        self, root: str | os.PathLike[str], attributes: Sequence[Attribute] = DEFAULT_ATTRIBUTES
     ) -> None:
         self.root = Path(root)
         self.attributes = tuple(attributes)

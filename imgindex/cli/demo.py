@@ -1,0 +1,104 @@
+"""``imgindex demo [--root ROOT]``: a small hospital, indexed, and what to try next."""
+
+from __future__ import annotations
+
+import shutil
+from typing import TYPE_CHECKING, Any
+
+from imgindex.cli._common import add_root, is_terminal, settings_from
+from imgindex.cli.index_files import format_summary
+from imgindex.cli.sql import write_result
+from imgindex.crawl import index_files
+from imgindex.index import Index
+
+if TYPE_CHECKING:
+    import argparse
+
+#: The demo's example query: what a researcher asks first.
+EXAMPLE_QUERY = (
+    "SELECT Modality, BodyPartExamined, count(*) AS series, sum(instance_count)::BIGINT AS images "
+    "FROM series GROUP BY ALL ORDER BY series DESC"
+)
+
+
+def add_parser(sub: Any) -> None:
+    """Register the subcommand."""
+    parser = sub.add_parser(
+        "demo",
+        help="generate a small hospital, index it, and show what you can ask",
+        description="Generate a few patients' CT, MR, multi-frame and secondary-capture "
+        "studies (seeded, about 60 MB) under ROOT/demo-dicom, index them into ROOT, and "
+        "print what a newcomer should see. Needs no server.",
+    )
+    add_root(parser)
+    parser.add_argument("--size-mb", type=int, default=60, help="DICOM to generate (default 60)")
+    parser.add_argument("--seed", type=int, default=7, help="generator seed (default 7)")
+    parser.add_argument(
+        "--fresh", action="store_true", help="delete ROOT/demo-dicom first and generate anew"
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Generate (once), index, and show the index."""
+    from imgindex.testing import write_hospital, write_malformed_files
+
+    settings = settings_from(args)
+    root = settings.root
+    dicom = root / "demo-dicom"
+    if args.fresh and dicom.exists():
+        shutil.rmtree(dicom)
+    progress = is_terminal()
+    if not dicom.exists() or not any(dicom.iterdir()):
+        print(f"1. generating a small hospital under {dicom} ...")
+        made = write_hospital(
+            dicom,
+            seed=args.seed,
+            target_bytes=args.size_mb * 1_000_000,
+            ct_size=256,
+            workers=settings.workers,
+            progress=progress,
+        )
+        # A few broken files, as every real export has, to show where they end up.
+        write_malformed_files(dicom / "zz-broken", seed=args.seed)
+        print(
+            f"   {made.patients} patients, {made.studies} studies, {made.series} series, "
+            f"{made.files} files, {made.bytes / 1e6:.0f} MB, and a folder of broken files"
+        )
+    else:
+        print(f"1. reusing the DICOM files already under {dicom} (--fresh to regenerate)")
+
+    print(f"\n2. indexing them: imgindex index-files {dicom} --root {root}")
+    summary = index_files(
+        [dicom],
+        root,
+        attributes=settings.attributes,
+        workers=settings.workers,
+        batch_rows=settings.batch_rows,
+        progress=progress,
+    )
+    print("   " + format_summary(summary, str(root)).replace("\n", "\n   "))
+
+    index = Index(root, settings.attributes)
+    print("\n3. what is in the index, per modality:")
+    write_result(
+        index.sql(
+            "SELECT Modality, count(DISTINCT StudyInstanceUID) AS studies, count(*) AS series, "
+            "sum(instance_count)::BIGINT AS instances, round(sum(size_bytes) / 1e6, 1) AS mb "
+            "FROM series GROUP BY Modality ORDER BY instances DESC"
+        ),
+        "table",
+        40,
+    )
+    print(f'\n4. an example query:\n   imgindex sql --root {root} "{EXAMPLE_QUERY}"')
+    write_result(index.sql(EXAMPLE_QUERY), "table", 15)
+    print(
+        "\nWhere to go next:\n"
+        f"  - your own files:   imgindex index-files /path/to/dicom --root {root}\n"
+        f'  - any question:     imgindex sql --root {root} "SELECT * FROM studies LIMIT 5"\n'
+        f'  - what was refused: imgindex sql --root {root} "SELECT reason, location, message '
+        'FROM rejects"\n'
+        f"  - from Python:      imgindex.Index('{root}').series  (polars LazyFrames)\n"
+        "  - the tables and columns: docs/index-tables.md"
+    )
+    return 0
