@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydicom.charset import python_encoding
+from pydicom.charset import convert_encodings, python_encoding
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.multival import MultiValue
 from pydicom.values import convert_value
@@ -298,7 +298,9 @@ def _convert(
             # ISO 2022 code extensions: pydicom switches character sets at escapes.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # pydicom falls back to a default charset
-                values = _from_pydicom(convert_value(vr, elem, charset.names))
+                # convert_value takes Python codecs, not the DICOM terms of (0008,0005).
+                encodings = convert_encodings(charset.names)
+                values = _from_pydicom(convert_value(vr, elem, encodings))
         else:
             codec = charset.codec if charset is not None and vr in _TEXT_VRS else "latin-1"
             text = raw.decode(codec or "latin-1", "replace").rstrip("\x00 ").lstrip(" ")

@@ -51,7 +51,8 @@ _LONG_VRS = frozenset(
 )
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 #: Transfer syntaxes left to pydicom: explicit big endian and deflated.
-_SLOW_SYNTAXES = frozenset({"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"})
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+_SLOW_SYNTAXES = frozenset({"1.2.840.10008.1.2.2", _DEFLATED})
 
 _TAG = Struct("<HH")
 _EXPLICIT = Struct("<HH2sH")
@@ -165,7 +166,9 @@ def read_header(
             try:
                 return _read_fast(window, wanted)
             except _Unhandled:
-                return _read_with_pydicom(fp, wanted, size, force=force)
+                # The file has the 'DICM' prefix, so pydicom needs no force; without force an
+                # empty result means none of the wanted tags, not garbage (e.g. a DICOMDIR).
+                return _read_with_pydicom(fp, wanted, size, force=False)
         except _Truncated as exc:
             raise DicomReadError(
                 "truncated", f"the file ends inside an element at byte {exc.args[0]} of {size}"
@@ -333,10 +336,22 @@ def _read_with_pydicom(fp: BinaryIO, wanted: frozenset[int], size: int, *, force
     meta = getattr(ds, "file_meta", None)
     ts = str(meta.TransferSyntaxUID) if meta is not None and "TransferSyntaxUID" in meta else None
     media = meta.get("MediaStorageSOPClassUID") if meta is not None else None
-    if len(ds) == 0 or (force and len(ds) == 1 and _CHARSET_TAG in ds):
+    if force and (len(ds) == 0 or (len(ds) == 1 and _CHARSET_TAG in ds)):
         raise DicomReadError("not_dicom", "no DICOM elements could be read")
-    # After stop_before_pixels pydicom leaves the file at the pixel data element, if any.
-    has_pixels = fp.tell() < size
+    if ts == _DEFLATED:
+        # pydicom inflates the data set into its own buffer, so where it left fp says nothing
+        # about pixel data: read again, keeping only the pixel data elements.
+        fp.seek(0)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                pixels = dcmread(fp, force=force, specific_tags=sorted(PIXEL_DATA_TAGS))
+        except EOFError as exc:
+            raise DicomReadError("truncated", f"the file ends early: {exc}") from exc
+        has_pixels = any(tag in pixels for tag in PIXEL_DATA_TAGS)
+    else:
+        # After stop_before_pixels pydicom leaves the file at the pixel data element, if any.
+        has_pixels = fp.tell() < size
     # keys(), not iteration: iterating a Dataset converts every raw element.
     tags = list(ds.keys())
     elements: dict[int, RawDataElement | DataElement] = {int(t): ds.get_item(t) for t in tags}

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from imgindex.schema import DEFAULT_ATTRIBUTES, REJECT_SCHEMA, Attribute, instance_schema
 from storage import Table
@@ -232,17 +233,12 @@ class IndexWriter:
         ):
             target = _table(self.root, name)
             if batch is None:
-                rows = plan(instances, self.attributes).collect().to_arrow()
-                if target.exists:
-                    # Whole rebuild: replace, so rows of vanished keys go too.
-                    from deltalake import write_deltalake
-
-                    write_deltalake(
-                        str(target.path), rows, mode="overwrite", schema_mode="overwrite"
-                    )
-                    continue
-            else:
-                keys = pa.compute.unique(batch[key]).to_pylist()
-                subset = instances.filter(pl.col(key).is_in(keys))
-                rows = plan(subset, self.attributes).collect().to_arrow()
+                # Whole rebuild: replace, so rows of keys no longer in instances go too.
+                target.overwrite(
+                    plan(instances, self.attributes).collect().to_arrow(), metadata=metadata
+                )
+                continue
+            keys = pc.unique(batch[key]).to_pylist()
+            subset = instances.filter(pl.col(key).is_in(keys))
+            rows = plan(subset, self.attributes).collect().to_arrow()
             target.upsert(rows, metadata=metadata)

@@ -153,6 +153,22 @@ class Table:
 
         return self._with_retries(commit)
 
+    def overwrite(self, data: pa.Table, *, metadata: Mapping[str, str] | None = None) -> int:
+        """Replace the table's rows (and schema) with ``data`` in one commit."""
+        props = CommitProperties(custom_metadata=dict(metadata or {}))
+
+        def commit() -> int:
+            write_deltalake(
+                str(self.path),
+                data,
+                mode="overwrite",
+                schema_mode="overwrite",
+                commit_properties=props,
+            )
+            return self._open().version()
+
+        return self._with_retries(commit)
+
     def _with_retries(self, commit: Callable[[], int]) -> int:
         delay = _BACKOFF_FIRST_S
         for attempt in range(1, COMMIT_ATTEMPTS + 1):
