@@ -3,11 +3,26 @@
 The Python surface: :class:`Index` reads the index tables as polars LazyFrames or DuckDB SQL.
 """
 
+from __future__ import annotations
+
 import logging
+from typing import TYPE_CHECKING, Any
 
 from imgindex.errors import ConfigError, DicomReadError, ImgindexError
-from imgindex.index import Index
+
+if TYPE_CHECKING:
+    from imgindex.index import Index
 
 __all__ = ["ConfigError", "DicomReadError", "ImgindexError", "Index"]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy (PEP 562): worker processes import imgindex.extract without DuckDB, polars and
+    # deltalake, which Index needs and header parsing does not.
+    if name == "Index":
+        from imgindex.index import Index
+
+        return Index
+    raise AttributeError(f"module 'imgindex' has no attribute {name!r}")

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
 from pydicom.charset import convert_encodings, python_encoding
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.multival import MultiValue
@@ -24,7 +26,7 @@ from pydicom.values import convert_value
 
 from imgindex.errors import DicomReadError
 from imgindex.headers import read_header
-from imgindex.schema import DEFAULT_ATTRIBUTES, UID_KEYWORDS, Attribute
+from imgindex.schema import DEFAULT_ATTRIBUTES, UID_KEYWORDS, Attribute, instance_schema
 
 if TYPE_CHECKING:
     import os
@@ -32,10 +34,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "REJECT_REASONS",
+    "ExtractedBatch",
     "Extraction",
     "Extractor",
+    "extract_files",
     "reject_row",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: Why a file or a value was rejected.
 REJECT_REASONS: dict[str, str] = {
@@ -111,6 +117,50 @@ def reject_row(
     }
 
 
+@dataclass
+class ExtractedBatch:
+    """Rows of many files as one Arrow table, their rejects, and the bytes scanned."""
+
+    table: pa.Table
+    rejects: list[dict[str, Any]]
+    bytes_scanned: int
+
+
+def extract_files(extractor: Extractor, paths: Sequence[str]) -> ExtractedBatch:
+    """Extract ``paths`` into one batch; never raises for a bad file.
+
+    A module-level function of this light module, so worker processes that run it import
+    pydicom and pyarrow but none of the table machinery.
+    """
+    now = dt.datetime.now(dt.UTC)
+    rows: list[dict[str, Any]] = []
+    rejects: list[dict[str, Any]] = []
+    scanned = 0
+    for path in paths:
+        try:
+            result = extractor.extract_file(path, indexed_at=now)
+        except Exception as exc:  # a bug must not stop the run: the file is recorded
+            logger.exception("unexpected error indexing %s", path)
+            result = Extraction(
+                None,
+                [
+                    reject_row(
+                        location=Path(path).absolute().as_uri(),
+                        level="file",
+                        reason="malformed",
+                        message=f"{type(exc).__name__}: {exc}",
+                        source=extractor.source,
+                        indexed_at=now,
+                    )
+                ],
+            )
+        scanned += result.size_bytes
+        if result.row is not None:
+            rows.append(result.row)
+        rejects.extend(result.rejects)
+    return ExtractedBatch(pa.Table.from_pylist(rows, extractor.schema), rejects, scanned)
+
+
 class Extractor:
     """Turns DICOM files into ``instances`` rows.
 
@@ -136,6 +186,7 @@ class Extractor:
         self.force = force
         self._tags = frozenset(a.tag for a in self.attributes)
         self._by_tag = {a.tag: a for a in self.attributes}
+        self.schema = instance_schema(self.attributes)
         self._charset_tag = next(
             a.tag for a in self.attributes if a.keyword == "SpecificCharacterSet"
         )
@@ -338,6 +389,10 @@ def _parse(vr: str, value: Any) -> Any:
         return _parse_int(value)
     if vr in ("DS", "FL", "FD"):
         return _parse_float(value)
+    if vr == "PN":
+        # Trailing empty component groups ('Wang^XiaoDong=王^小東=') say nothing (PS3.5 6.2.1);
+        # pydicom drops them, so names read through either path compare equal.
+        return str(value).rstrip("=") or None
     return str(value)
 
 

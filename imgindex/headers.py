@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from pydicom import dcmread
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.errors import InvalidDicomError
-from pydicom.tag import Tag
+from pydicom.tag import BaseTag
 
 from imgindex.errors import DicomReadError
 
@@ -55,6 +55,45 @@ _DEFLATED = "1.2.840.10008.1.2.1.99"
 _SLOW_SYNTAXES = frozenset({"1.2.840.10008.1.2.2", _DEFLATED})
 
 _TAG = Struct("<HH")
+_VR_TEXT = {
+    vr.encode(): vr
+    for vr in [
+        "AE",
+        "AS",
+        "AT",
+        "CS",
+        "DA",
+        "DS",
+        "DT",
+        "FD",
+        "FL",
+        "IS",
+        "LO",
+        "LT",
+        "OB",
+        "OD",
+        "OF",
+        "OL",
+        "OV",
+        "OW",
+        "PN",
+        "SH",
+        "SL",
+        "SQ",
+        "SS",
+        "ST",
+        "SV",
+        "TM",
+        "UC",
+        "UI",
+        "UL",
+        "UN",
+        "UR",
+        "US",
+        "UT",
+        "UV",
+    ]
+}
 _EXPLICIT = Struct("<HH2sH")
 _LONG_LENGTH = Struct("<L")
 _IMPLICIT = Struct("<HHL")
@@ -208,21 +247,32 @@ def _walk(
     """
     found: dict[int, RawDataElement] = {}
     size = window.size
+    # Hot loop: locals instead of attribute look-ups; the window moves only when an element
+    # header or a wanted value is not inside it.
+    buf, base = window.buf, window.base
+    unpack_implicit, unpack_explicit = _IMPLICIT.unpack_from, _EXPLICIT.unpack_from
+    unpack_long = _LONG_LENGTH.unpack_from
     while pos < size:
         if pos + 8 > size:
             raise _Truncated(pos)
-        off = window.at(pos, 8)
-        buf = window.buf
+        off = pos - base
+        if off < 0 or off + 12 > len(buf):
+            off = window.at(pos, min(12, size - pos))
+            buf, base = window.buf, window.base
         if implicit:
-            group, elem, length = _IMPLICIT.unpack_from(buf, off)
+            group, elem, length = unpack_implicit(buf, off)
             vr_bytes = b""
             header = 8
         else:
-            group, elem, vr_bytes, length = _EXPLICIT.unpack_from(buf, off)
+            group, elem, vr_bytes, length = unpack_explicit(buf, off)
+            if meta_only and group != 0x0002:
+                # The data set starts here, perhaps in implicit VR: its bytes are no VR.
+                return found, pos
             header = 8
             if vr_bytes in _LONG_VRS:
-                off = window.at(pos, 12)
-                length = _LONG_LENGTH.unpack_from(window.buf, off + 8)[0]
+                if pos + 12 > size:
+                    raise _Truncated(pos)
+                length = unpack_long(buf, off + 8)[0]
                 header = 12
             elif not (vr_bytes.isalpha() and vr_bytes.isupper()):
                 raise _Unhandled(f"bad VR {vr_bytes!r} at {pos}")
@@ -234,12 +284,18 @@ def _walk(
         if length == _UNDEFINED:
             # A sequence (or UN holding one: PS3.5 6.2.2 says its content is implicit VR).
             pos = _skip_sequence(window, pos + header, implicit or vr_bytes == b"UN")
+            buf, base = window.buf, window.base
             continue
         if tag in wanted:
-            off = window.at(pos, header + length)
-            value = bytes(window.buf[off + header : off + header + length])
-            vr = None if implicit else vr_bytes.decode("ascii")
-            found[tag] = RawDataElement(Tag(tag), vr, length, value, pos + header, implicit, True)
+            end = off + header + length
+            if end > len(buf):
+                off = window.at(pos, header + length)
+                buf, base = window.buf, window.base
+                end = off + header + length
+            vr = None if implicit else _VR_TEXT.get(vr_bytes) or vr_bytes.decode("ascii")
+            found[tag] = RawDataElement(
+                BaseTag(tag), vr, length, buf[off + header : end], pos + header, implicit, True
+            )
         pos += header + length
         if pos > size:
             raise _Truncated(size)

@@ -9,7 +9,6 @@ tree rewrites the same rows and adds none.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import multiprocessing
 import os
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from imgindex.extract import Extractor, reject_row
+from imgindex.extract import ExtractedBatch, Extractor, extract_files
 from imgindex.index import IndexWriter
 from imgindex.schema import Attribute, instance_schema
 
@@ -90,45 +89,6 @@ def _walk(folder: Path) -> Iterator[Path]:
             yield Path(entry.path)
 
 
-# Worker-process state, set once by the pool initializer.
-_EXTRACTOR: Extractor | None = None
-
-
-def _init_worker(attributes: tuple[Attribute, ...], source: str, force: bool) -> None:
-    global _EXTRACTOR
-    _EXTRACTOR = Extractor(attributes, source=source, force=force)
-
-
-def _extract_chunk(paths: list[str]) -> tuple[pa.Table, list[dict[str, Any]], int]:
-    assert _EXTRACTOR is not None, "worker not initialised"
-    now = dt.datetime.now(dt.UTC)
-    rows: list[dict[str, Any]] = []
-    rejects: list[dict[str, Any]] = []
-    scanned = 0
-    for path in paths:
-        try:
-            result = _EXTRACTOR.extract_file(path, indexed_at=now)
-        except Exception as exc:  # a bug must not stop the run: the file is recorded
-            logger.exception("unexpected error indexing %s", path)
-            rejects.append(
-                reject_row(
-                    location=Path(path).absolute().as_uri(),
-                    level="file",
-                    reason="malformed",
-                    message=f"{type(exc).__name__}: {exc}",
-                    source=_EXTRACTOR.source,
-                    indexed_at=now,
-                )
-            )
-            continue
-        scanned += result.size_bytes
-        if result.row is not None:
-            rows.append(result.row)
-        rejects.extend(result.rejects)
-    table = pa.Table.from_pylist(rows, instance_schema(_EXTRACTOR.attributes))
-    return table, rejects, scanned
-
-
 def index_files(
     paths: Sequence[str | os.PathLike[str]],
     root: str | os.PathLike[str],
@@ -168,6 +128,7 @@ def index_files(
     attrs = tuple(attributes)
     source = source or "folder:" + str(Path(paths[0]).absolute())
     writer = IndexWriter(root, attrs)
+    extractor = Extractor(attrs, source=source, force=force)
     summary = IndexSummary()
     started = time.perf_counter()
     seen: set[str] = set()
@@ -188,16 +149,16 @@ def index_files(
             writer.write(table, pending_rejects)
         pending, pending_rejects, pending_rows = [], [], 0
 
-    def take(result: tuple[pa.Table, list[dict[str, Any]], int], n_files: int) -> None:
+    def take(result: ExtractedBatch, n_files: int) -> None:
         nonlocal pending_rows
-        table, rejects, scanned = result
+        table, rejects, scanned = result.table, result.rejects, result.bytes_scanned
         summary.files += n_files
         summary.bytes_scanned += scanned
         uids = table.column("SOPInstanceUID").to_pylist()
         keep = [i for i, u in enumerate(uids) if u not in seen and not seen.add(u)]  # type: ignore[func-returns-value]
         summary.duplicates += len(uids) - len(keep)
         if len(keep) < len(uids):
-            table = table.take(keep)
+            table = table.take(pa.array(keep, pa.int64()))
         summary.instances += table.num_rows
         series.update(table.column("SeriesInstanceUID").to_pylist())
         studies.update(table.column("StudyInstanceUID").to_pylist())
@@ -222,23 +183,19 @@ def index_files(
     chunks = _chunks(iter_files(paths), CHUNK_FILES)
     try:
         if workers <= 1:
-            _init_worker(attrs, source, force)
             for chunk in chunks:
-                take(_extract_chunk(chunk), len(chunk))
+                take(extract_files(extractor, chunk), len(chunk))
         else:
+            # forkserver, not fork: this process may hold threads (polars, delta-rs) that a
+            # fork would copy mid-lock. Preloading the light extract module makes each worker
+            # start in milliseconds instead of importing it anew.
             context = multiprocessing.get_context("forkserver")
-            with ProcessPoolExecutor(
-                workers,
-                mp_context=context,
-                initializer=_init_worker,
-                initargs=(attrs, source, force),
-            ) as pool:
+            context.set_forkserver_preload(["imgindex.extract"])
+            with ProcessPoolExecutor(workers, mp_context=context) as pool:
                 # Bounded: at most 2 tasks per worker in flight, consumed in submission order.
-                inflight: deque[tuple[Future[tuple[pa.Table, list[dict[str, Any]], int]], int]] = (
-                    deque()
-                )
+                inflight: deque[tuple[Future[ExtractedBatch], int]] = deque()
                 for chunk in chunks:
-                    inflight.append((pool.submit(_extract_chunk, chunk), len(chunk)))
+                    inflight.append((pool.submit(extract_files, extractor, chunk), len(chunk)))
                     if len(inflight) >= 2 * workers:
                         future, n = inflight.popleft()
                         take(future.result(), n)
