@@ -8,6 +8,8 @@ write at once; a commit that loses a race is retried against the new table versi
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import random
 import time
@@ -23,7 +25,7 @@ from deltalake.exceptions import TableNotFoundError as _DeltaTableNotFoundError
 from storage.errors import ConflictError, TableNotFoundError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Callable, Iterator, Mapping, Sequence
 
     import polars as pl
     import pyarrow.dataset as pads
@@ -118,10 +120,12 @@ class Table:
 
         def commit() -> int:
             if not self.exists:
-                # Two first writers race here; the loser fails to commit version 0 and retries
-                # as a merge.
-                write_deltalake(str(self.path), data, mode="append", commit_properties=props)
-                return self._open().version()
+                with _creation_lock(self.path):
+                    if not self.exists:
+                        write_deltalake(
+                            str(self.path), data, mode="append", commit_properties=props
+                        )
+                        return self._open().version()
             table = self._open()
             predicate = " AND ".join(f"t.{_quote(k)} = s.{_quote(k)}" for k in self.key)
             (
@@ -210,6 +214,20 @@ class Table:
         table = self._open()
         table.optimize.compact()
         table.vacuum(retention_hours=7 * 24, dry_run=False, enforce_retention_duration=False)
+
+
+@contextlib.contextmanager
+def _creation_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock beside the table ``path`` while its first commit is made.
+
+    delta-rs does not fail the loser of a race for version 0: it rebases the losing append
+    onto the winner's commit, so two first writers would both insert their rows and duplicate
+    keys. With the lock the second writer waits, finds the table, and merges.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _is_conflict(exc: BaseException) -> bool:

@@ -85,7 +85,8 @@ def _walk(folder: Path) -> Iterator[Path]:
     for entry in entries:
         if entry.is_dir(follow_symlinks=False):
             yield from _walk(Path(entry.path))
-        elif entry.is_file() or entry.is_symlink():
+        elif entry.is_file() or (entry.is_symlink() and not entry.is_dir()):
+            # Links to files, and broken links (for their reject); not links to folders.
             yield Path(entry.path)
 
 
