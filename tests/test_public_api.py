@@ -1,0 +1,60 @@
+"""The public surface of each package, pinned (httpx's ``test_exported_members``).
+
+Adding or removing a public name is a decision: change the expected set here with it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import pytest
+
+EXPECTED: dict[str, set[str]] = {
+    "storage": {"ConflictError", "StorageError", "Table", "TableNotFoundError"},
+    "storage.errors": {"ConflictError", "StorageError", "TableNotFoundError"},
+    "imgindex": {"ConfigError", "DicomReadError", "ImgindexError", "Index"},
+    "imgindex.errors": {"ConfigError", "DicomReadError", "ImgindexError"},
+    "imgindex.config": {"SETTINGS_HELP", "Settings", "load_settings"},
+    "imgindex.schema": {
+        "DEFAULT_ATTRIBUTES",
+        "REJECT_SCHEMA",
+        "UID_KEYWORDS",
+        "Attribute",
+        "Level",
+        "attributes_for",
+        "instance_schema",
+    },
+    "imgindex.headers": {"Header", "read_header"},
+    "imgindex.extract": {
+        "REJECT_REASONS",
+        "ExtractedBatch",
+        "Extraction",
+        "Extractor",
+        "extract_files",
+        "reject_row",
+    },
+    "imgindex.index": {"TABLE_NAMES", "Index", "IndexWriter"},
+    "imgindex.crawl": {"IndexSummary", "index_files", "iter_files"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_exported_members(name: str) -> None:
+    module = importlib.import_module(name)
+    exported = list(module.__all__)
+    assert len(exported) == len(set(exported)), f"{name}.__all__ repeats a name"
+    for member in exported:
+        assert hasattr(module, member), f"{name}.__all__ names {member!r}, which is missing"
+    assert set(exported) == EXPECTED[name]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_exported_classes_and_functions_are_ours(name: str) -> None:
+    # A re-export must not leak a third-party object into our surface.
+    module = importlib.import_module(name)
+    package = name.split(".")[0]
+    for member in module.__all__:
+        value = getattr(module, member)
+        if inspect.isclass(value) or inspect.isfunction(value):
+            assert value.__module__.split(".")[0] == package, f"{name}.{member}"
