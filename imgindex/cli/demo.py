@@ -93,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
     print(f'\n4. an example query:\n   imgindex sql --root {root} "{EXAMPLE_QUERY}"')
     write_result(index.sql(EXAMPLE_QUERY), "table", 15)
     print(
-        "\nWhere to go next:\n"
+        "\nWhere to go next (the command is .venv/bin/imgindex; `source .venv/bin/activate` "
+        "puts it on PATH):\n"
         f"  - your own files:   imgindex index-files /path/to/dicom --root {root}\n"
         f'  - any question:     imgindex sql --root {root} "SELECT * FROM studies LIMIT 5"\n'
         f'  - what was refused: imgindex sql --root {root} "SELECT reason, location, message '
