@@ -4,12 +4,13 @@
 
     StorageError (Exception)
     ├── TableNotFoundError (StorageError, FileNotFoundError)
+    ├── ObjectNotFoundError (StorageError, FileNotFoundError)
     └── ConflictError (StorageError)   a commit lost against concurrent writers too often
 """
 
 from __future__ import annotations
 
-__all__ = ["ConflictError", "StorageError", "TableNotFoundError"]
+__all__ = ["ConflictError", "ObjectNotFoundError", "StorageError", "TableNotFoundError"]
 
 
 class StorageError(Exception):
@@ -22,3 +23,7 @@ class TableNotFoundError(StorageError, FileNotFoundError):
 
 class ConflictError(StorageError):
     """A commit kept conflicting with concurrent writers after every retry."""
+
+
+class ObjectNotFoundError(StorageError, FileNotFoundError):
+    """No object is stored under that key."""

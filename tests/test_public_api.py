@@ -11,8 +11,23 @@ import inspect
 import pytest
 
 EXPECTED: dict[str, set[str]] = {
-    "storage": {"ConflictError", "StorageError", "Table", "TableNotFoundError"},
-    "storage.errors": {"ConflictError", "StorageError", "TableNotFoundError"},
+    "storage": {
+        "ConflictError",
+        "LocalObjectStore",
+        "ObjectNotFoundError",
+        "ObjectStore",
+        "StorageError",
+        "Table",
+        "TableNotFoundError",
+        "validate_key",
+    },
+    "storage.errors": {
+        "ConflictError",
+        "ObjectNotFoundError",
+        "StorageError",
+        "TableNotFoundError",
+    },
+    "storage.objects": {"LocalObjectStore", "ObjectStore", "validate_key"},
     "imgindex": {"ConfigError", "DicomReadError", "ImgindexError", "Index"},
     "imgindex.errors": {"ConfigError", "DicomReadError", "ImgindexError"},
     "imgindex.config": {"SETTINGS_HELP", "Settings", "load_settings"},
