@@ -14,7 +14,7 @@ import multiprocessing
 import os
 import time
 from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -143,11 +143,19 @@ def index_files(
 
     bar = tqdm(total=None, unit=" files", disable=not progress, desc="indexing", dynamic_ncols=True)
 
+    # Commits run on one background thread so workers keep parsing meanwhile; at most one
+    # batch waits behind the one being written (bounded memory), and a failed commit stops
+    # the run at the next hand-off.
+    commits = ThreadPoolExecutor(1, thread_name_prefix="imgindex-commit")
+    last_commit: Future[None] | None = None
+
     def flush() -> None:
-        nonlocal pending, pending_rejects, pending_rows
+        nonlocal pending, pending_rejects, pending_rows, last_commit
         if pending or pending_rejects:
             table = pa.concat_tables(pending) if pending else instance_schema(attrs).empty_table()
-            writer.write(table, pending_rejects)
+            if last_commit is not None:
+                last_commit.result()
+            last_commit = commits.submit(writer.write, table, pending_rejects)
         pending, pending_rejects, pending_rows = [], [], 0
 
     def take(result: ExtractedBatch, n_files: int) -> None:
@@ -156,7 +164,11 @@ def index_files(
         summary.files += n_files
         summary.bytes_scanned += scanned
         uids = table.column("SOPInstanceUID").to_pylist()
-        keep = [i for i, u in enumerate(uids) if u not in seen and not seen.add(u)]  # type: ignore[func-returns-value]
+        keep = []
+        for i, uid in enumerate(uids):
+            if uid not in seen:
+                seen.add(uid)
+                keep.append(i)
         summary.duplicates += len(uids) - len(keep)
         if len(keep) < len(uids):
             table = table.take(pa.array(keep, pa.int64()))
@@ -204,7 +216,10 @@ def index_files(
                     future, n = inflight.popleft()
                     take(future.result(), n)
         flush()
+        if last_commit is not None:
+            last_commit.result()
     finally:
+        commits.shutdown(wait=True)
         bar.close()
     summary.seconds = time.perf_counter() - started
     summary.series, summary.studies = len(series), len(studies)
