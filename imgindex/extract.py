@@ -30,7 +30,7 @@ from imgindex.schema import DEFAULT_ATTRIBUTES, UID_KEYWORDS, Attribute, instanc
 
 if TYPE_CHECKING:
     import os
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
 __all__ = [
     "REJECT_REASONS",
@@ -357,7 +357,14 @@ def _convert(
             text = raw.decode(codec or "latin-1", "replace").rstrip("\x00 ").lstrip(" ")
             if not text:
                 return None
-            values = text.split("\\") if attr.multi or attr.vr not in _TEXT_VRS else [text]
+            if not attr.multi:
+                # The common case, kept off the list path: one value, parsed once.
+                if attr.vr not in _TEXT_VRS and "\\" in text:
+                    text = text.split("\\", 1)[0].strip(" \x00")
+                    if not text:
+                        return None
+                return _parser(attr.vr)(text)
+            values = text.split("\\")
     parsed = [_parse(attr.vr, v) for v in values]
     parsed = [p for p in parsed if p is not None] if attr.multi else parsed
     if attr.multi:
@@ -379,21 +386,21 @@ def _parse(vr: str, value: Any) -> Any:
         value = value.strip(" \x00")
         if value == "":
             return None
-    if vr == "DA":
-        return _parse_date(value)
-    if vr == "TM":
-        return _parse_time(value)
-    if vr == "DT":
-        return _parse_datetime(value)
-    if vr in ("IS", "SS", "US", "SL", "UL", "SV", "UV"):
-        return _parse_int(value)
-    if vr in ("DS", "FL", "FD"):
-        return _parse_float(value)
-    if vr == "PN":
-        # Trailing empty component groups ('Wang^XiaoDong=王^小東=') say nothing (PS3.5 6.2.1);
-        # pydicom drops them, so names read through either path compare equal.
-        return str(value).rstrip("=") or None
+    return _parser(vr)(value)
+
+
+def _parser(vr: str) -> Callable[[Any], Any]:
+    return _PARSERS.get(vr, _parse_text)
+
+
+def _parse_text(value: Any) -> str:
     return str(value)
+
+
+def _parse_person_name(value: Any) -> str | None:
+    # Trailing empty component groups ('Wang^XiaoDong=王^小東=') say nothing (PS3.5 6.2.1);
+    # pydicom drops them, so names read through either path compare equal.
+    return str(value).rstrip("=") or None
 
 
 def _parse_int(value: Any) -> int:
@@ -467,3 +474,14 @@ def _parse_datetime(value: Any) -> dt.datetime:
         )
     except ValueError as exc:
         raise BadValueError(f"{value!r} is not a date-time: {exc}") from None
+
+
+#: Parser per VR (text VRs not listed stay text).
+_PARSERS: dict[str, Callable[[Any], Any]] = {
+    "DA": _parse_date,
+    "TM": _parse_time,
+    "DT": _parse_datetime,
+    "PN": _parse_person_name,
+    **dict.fromkeys(("IS", "SS", "US", "SL", "UL", "SV", "UV"), _parse_int),
+    **dict.fromkeys(("DS", "FL", "FD"), _parse_float),
+}
