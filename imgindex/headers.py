@@ -277,8 +277,6 @@ def _walk(
             elif not (vr_bytes.isalpha() and vr_bytes.isupper()):
                 raise _Unhandled(f"bad VR {vr_bytes!r} at {pos}")
         tag = group << 16 | elem
-        if meta_only and group != 0x0002:
-            return found, pos
         if tag in PIXEL_DATA_TAGS:
             return found, pos
         if length == _UNDEFINED:

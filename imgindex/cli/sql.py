@@ -66,12 +66,13 @@ def write_result(result: pa.Table, fmt: str, max_rows: int) -> None:
             out.write(json.dumps(row, default=str, ensure_ascii=False) + "\n")
     else:
         con = duckdb.connect()
-        con.register("result", result)
-        out.write(con.sql("SELECT * FROM result").__str__() if result.num_rows <= max_rows else "")
-        if result.num_rows > max_rows:
+        try:
+            con.register("result", result)
             out.write(str(con.sql(f"SELECT * FROM result LIMIT {int(max_rows)}")))
+        finally:
+            con.close()
+        if result.num_rows > max_rows:
             out.write(f"({result.num_rows:,} rows; {max_rows} shown, use --format csv for all)\n")
-        con.close()
 
 
 def _stringify_nested(table: pa.Table) -> pa.Table:
