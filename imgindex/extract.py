@@ -25,7 +25,7 @@ from pydicom.multival import MultiValue
 from pydicom.values import convert_value
 
 from imgindex.errors import DicomReadError
-from imgindex.headers import read_header
+from imgindex.headers import Header, read_header, read_header_bytes
 from imgindex.schema import DEFAULT_ATTRIBUTES, UID_KEYWORDS, Attribute, instance_schema
 
 if TYPE_CHECKING:
@@ -211,22 +211,43 @@ class Extractor:
                 size = Path(path).stat().st_size
             except OSError:
                 size = None
-            return Extraction(
-                None,
-                [
-                    reject_row(
-                        location=location,
-                        level="file",
-                        reason=exc.reason,
-                        message=str(exc),
-                        source=self.source,
-                        indexed_at=now,
-                        size_bytes=size,
-                    )
-                ],
-                size or 0,
-            )
+            return self._file_reject(exc, location, size, now)
+        return self._extract(header, location, now)
 
+    def extract_bytes(
+        self, data: bytes, *, location: str, indexed_at: dt.datetime | None = None
+    ) -> Extraction:
+        """Extract the row of a whole Part 10 file held in memory; never raises for bad input.
+
+        ``location`` is where the bytes are (or will be) stored.
+        """
+        now = indexed_at or dt.datetime.now(dt.UTC)
+        try:
+            header = read_header_bytes(data, self._tags, force=self.force)
+        except DicomReadError as exc:
+            return self._file_reject(exc, location, len(data), now)
+        return self._extract(header, location, now)
+
+    def _file_reject(
+        self, exc: DicomReadError, location: str, size: int | None, now: dt.datetime
+    ) -> Extraction:
+        return Extraction(
+            None,
+            [
+                reject_row(
+                    location=location,
+                    level="file",
+                    reason=exc.reason,
+                    message=str(exc),
+                    source=self.source,
+                    indexed_at=now,
+                    size_bytes=size,
+                )
+            ],
+            size or 0,
+        )
+
+    def _extract(self, header: Header, location: str, now: dt.datetime) -> Extraction:
         rejects: list[dict[str, Any]] = []
         row: dict[str, Any] = {}
         charset = self._charset(header.elements)

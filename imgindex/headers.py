@@ -14,6 +14,7 @@ two paths agree on pydicom's own test files.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from imgindex.errors import DicomReadError
 if TYPE_CHECKING:
     from collections.abc import Collection
 
-__all__ = ["Header", "read_header"]
+__all__ = ["Header", "read_header", "read_header_bytes"]
 
 #: PS3.10 7.1: 128-byte preamble, then "DICM".
 _PREAMBLE = 128
@@ -182,7 +183,6 @@ def read_header(
         With ``reason`` ``unreadable`` (the OS refused), ``empty``, ``no_preamble``,
         ``not_dicom`` or ``truncated`` (the file ends inside the header or the pixel data).
     """
-    wanted = frozenset(tags) | {_CHARSET_TAG}
     try:
         fp = open(path, "rb")  # noqa: SIM115 - closed below, after the fallback too
     except OSError as exc:
@@ -190,30 +190,46 @@ def read_header(
     with fp:
         try:
             size = os.fstat(fp.fileno()).st_size
-            if size == 0:
-                raise DicomReadError("empty", "the file is empty (0 bytes)")
-            window = _Window(fp, size)
-            head = window.buf[_PREAMBLE : _PREAMBLE + 4]
-            if head != _MAGIC:
-                if not force:
-                    raise DicomReadError(
-                        "no_preamble",
-                        "not a DICOM Part 10 file: no 'DICM' prefix after the 128-byte preamble "
-                        "(PS3.10 7.1); use --force to read files without the preamble",
-                    )
-                return _read_with_pydicom(fp, wanted, size, force=True)
-            try:
-                return _read_fast(window, wanted)
-            except _Unhandled:
-                # The file has the 'DICM' prefix, so pydicom needs no force; without force an
-                # empty result means none of the wanted tags, not garbage (e.g. a DICOMDIR).
-                return _read_with_pydicom(fp, wanted, size, force=False)
-        except _Truncated as exc:
-            raise DicomReadError(
-                "truncated", f"the file ends inside an element at byte {exc.args[0]} of {size}"
-            ) from None
         except OSError as exc:
             raise DicomReadError("unreadable", f"read failed: {exc}") from exc
+        return _read(fp, size, frozenset(tags), force=force)
+
+
+def read_header_bytes(data: bytes, tags: Collection[int], *, force: bool = False) -> Header:
+    """Like :func:`read_header`, for a whole Part 10 file held in memory.
+
+    The listener parses what it received this way before acknowledging it.
+    """
+    return _read(io.BytesIO(data), len(data), frozenset(tags), force=force)
+
+
+def _read(fp: BinaryIO, size: int, tags: frozenset[int], *, force: bool) -> Header:
+    wanted = tags | {_CHARSET_TAG}
+    try:
+        if size == 0:
+            raise DicomReadError("empty", "the file is empty (0 bytes)")
+        window = _Window(fp, size)
+        head = window.buf[_PREAMBLE : _PREAMBLE + 4]
+        if head != _MAGIC:
+            if not force:
+                raise DicomReadError(
+                    "no_preamble",
+                    "not a DICOM Part 10 file: no 'DICM' prefix after the 128-byte preamble "
+                    "(PS3.10 7.1); use --force to read files without the preamble",
+                )
+            return _read_with_pydicom(fp, wanted, size, force=True)
+        try:
+            return _read_fast(window, wanted)
+        except _Unhandled:
+            # The file has the 'DICM' prefix, so pydicom needs no force; without force an
+            # empty result means none of the wanted tags, not garbage (e.g. a DICOMDIR).
+            return _read_with_pydicom(fp, wanted, size, force=False)
+    except _Truncated as exc:
+        raise DicomReadError(
+            "truncated", f"the file ends inside an element at byte {exc.args[0]} of {size}"
+        ) from None
+    except OSError as exc:
+        raise DicomReadError("unreadable", f"read failed: {exc}") from exc
 
 
 def _read_fast(window: _Window, wanted: frozenset[int]) -> Header:

@@ -3,6 +3,7 @@
 from storage.errors import ConflictError, ObjectNotFoundError, StorageError, TableNotFoundError
 from storage.objects import LocalObjectStore, ObjectStore, validate_key
 from storage.tables import Table
+from storage.wal import WriteAheadLog
 
 __all__ = [
     "ConflictError",
@@ -12,5 +13,6 @@ __all__ = [
     "StorageError",
     "Table",
     "TableNotFoundError",
+    "WriteAheadLog",
     "validate_key",
 ]

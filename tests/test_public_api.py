@@ -19,6 +19,7 @@ EXPECTED: dict[str, set[str]] = {
         "StorageError",
         "Table",
         "TableNotFoundError",
+        "WriteAheadLog",
         "validate_key",
     },
     "storage.errors": {
@@ -28,6 +29,15 @@ EXPECTED: dict[str, set[str]] = {
         "TableNotFoundError",
     },
     "storage.objects": {"LocalObjectStore", "ObjectStore", "validate_key"},
+    "storage.wal": {"Record", "WriteAheadLog", "read_segment"},
+    "imgindex.listener": {
+        "Ingest",
+        "Listener",
+        "ListenerConfig",
+        "Status",
+        "StoreResult",
+        "object_key",
+    },
     "imgindex": {"ConfigError", "DicomReadError", "ImgindexError", "Index"},
     "imgindex.errors": {"ConfigError", "DicomReadError", "ImgindexError"},
     "imgindex.config": {"SETTINGS_HELP", "Settings", "load_settings"},
@@ -40,7 +50,7 @@ EXPECTED: dict[str, set[str]] = {
         "attributes_for",
         "instance_schema",
     },
-    "imgindex.headers": {"Header", "read_header"},
+    "imgindex.headers": {"Header", "read_header", "read_header_bytes"},
     "imgindex.extract": {
         "REJECT_REASONS",
         "ExtractedBatch",

@@ -1,0 +1,12 @@
+"""The DICOM listener: a Storage SCP that makes what it acknowledges durable, then indexes it.
+
+:class:`Listener` is the server (``imgindex listen``), :class:`Ingest` the storage pipeline
+behind it (write-ahead log, object store, index), :class:`Status` the DIMSE statuses it
+answers with.
+"""
+
+from imgindex.listener.dimse import Status
+from imgindex.listener.ingest import Ingest, StoreResult, object_key
+from imgindex.listener.server import Listener, ListenerConfig
+
+__all__ = ["Ingest", "Listener", "ListenerConfig", "Status", "StoreResult", "object_key"]

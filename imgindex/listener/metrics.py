@@ -1,0 +1,74 @@
+"""Prometheus metrics of the listener, in a registry of its own (several listeners per test
+process must not collide in the global one)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+if TYPE_CHECKING:
+    from threading import Thread
+    from wsgiref.simple_server import WSGIServer
+
+__all__ = ["ListenerMetrics"]
+
+
+class ListenerMetrics:
+    """The listener's counters and gauges; names start with ``imgindex_listener_``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.instances = Counter(
+            "imgindex_listener_instances",
+            "Instances received and acknowledged (stored durably)",
+            registry=self.registry,
+        )
+        self.received_bytes = Counter(
+            "imgindex_listener_received_bytes",
+            "Data set bytes of acknowledged instances",
+            registry=self.registry,
+        )
+        self.failures = Counter(
+            "imgindex_listener_failures",
+            "C-STORE requests answered with a failure status, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.associations = Counter(
+            "imgindex_listener_associations",
+            "Associations accepted",
+            registry=self.registry,
+        )
+        self.rejected_associations = Counter(
+            "imgindex_listener_rejected_associations",
+            "Association requests rejected (unknown calling AE title, too many open, ...)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.associations_open = Gauge(
+            "imgindex_listener_associations_open",
+            "Associations open now",
+            registry=self.registry,
+        )
+        self.pending_bytes = Gauge(
+            "imgindex_listener_pending_bytes",
+            "Acknowledged bytes not yet flushed to the object store and the index",
+            registry=self.registry,
+        )
+        self._server: tuple[WSGIServer, Thread] | None = None
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> int:
+        """Serve ``/metrics`` on ``host:port`` in a background thread; returns the port."""
+        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        self._server = (server, thread)
+        return int(server.server_port)
+
+    def close(self) -> None:
+        """Stop serving."""
+        if self._server is not None:
+            server, thread = self._server
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
+            self._server = None
