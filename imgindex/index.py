@@ -163,12 +163,24 @@ class Index:
         return {name: self.table(name).version() for name in TABLE_NAMES}
 
     def connect(self) -> duckdb.DuckDBPyConnection:
-        """A DuckDB connection with the index tables registered as views."""
+        """A DuckDB connection with the index tables as views.
+
+        Each view reads the Parquet files of the table's current Delta version with DuckDB's
+        own reader (filters and projections pushed down; ``union_by_name`` for columns added
+        later). A pyarrow dataset registered instead fails on string filters: pyarrow has no
+        ``equal`` kernel for the (string, string_view) pair DuckDB's pushdown produces.
+        """
         con = duckdb.connect()
         for name in TABLE_NAMES:
             table = self.table(name)
-            source: Any = table.to_arrow_dataset() if table.exists else self.empty(name)
-            con.register(name, source)
+            files = table.files() if table.exists else []
+            if not files:
+                con.register(name, self.empty(name))
+                continue
+            listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+            con.execute(
+                f"CREATE VIEW {name} AS SELECT * FROM read_parquet([{listed}], union_by_name = true)"
+            )
         return con
 
     def sql(self, query: str) -> pa.Table:

@@ -197,6 +197,10 @@ class Table:
         """The table's current files as a pyarrow dataset (for DuckDB and pyarrow)."""
         return self._open().to_pyarrow_dataset()
 
+    def files(self) -> list[str]:
+        """Absolute paths (or URIs) of the Parquet files of the table's current version."""
+        return list(self._open().file_uris())
+
     def to_arrow(self, columns: Sequence[str] | None = None) -> pa.Table:
         """The whole table (or some columns) in memory."""
         return self._open().to_pyarrow_table(columns=list(columns) if columns else None)

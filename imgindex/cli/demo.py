@@ -13,6 +13,11 @@ from imgindex.index import Index
 
 if TYPE_CHECKING:
     import argparse
+    from collections.abc import Sequence
+    from pathlib import Path
+
+    from imgindex.listener.send import SendSummary
+    from imgindex.schema import Attribute
 
 #: The demo's example query: what a researcher asks first.
 EXAMPLE_QUERY = (
@@ -25,10 +30,12 @@ def add_parser(sub: Any) -> None:
     """Register the subcommand."""
     parser = sub.add_parser(
         "demo",
-        help="generate a small hospital, index it, and show what you can ask",
+        help="generate a small hospital, send it to the listener, and show what you can ask",
         description="Generate a few patients' CT, MR, multi-frame and secondary-capture "
-        "studies (seeded, about 60 MB) under ROOT/demo-dicom, index them into ROOT, and "
-        "print what a newcomer should see. Needs no server.",
+        "studies (seeded, about 60 MB) under ROOT/demo-dicom, send them over DICOM to an "
+        "`imgindex listen` on a free loopback port (which stores and indexes them into ROOT), "
+        "index a folder of broken files from disk, and print what a newcomer should see. "
+        "Needs no server.",
     )
     add_root(parser)
     parser.add_argument("--size-mb", type=int, default=60, help="DICOM to generate (default 60)")
@@ -37,6 +44,23 @@ def add_parser(sub: Any) -> None:
         "--fresh", action="store_true", help="delete ROOT/demo-dicom first and generate anew"
     )
     parser.set_defaults(run=run)
+
+
+def _send_through_listener(
+    files: list[Path], root: Path, attributes: Sequence[Attribute], progress: bool
+) -> SendSummary:
+    """Start a listener on a free loopback port, send ``files`` to it, stop it (flushing)."""
+    from tqdm import tqdm
+
+    from imgindex.listener import Listener, ListenerConfig
+    from imgindex.listener.send import send_files
+
+    config = ListenerConfig(root=root, port=0, attributes=attributes, flush_interval=0.5)
+    with (
+        Listener(config) as listener,
+        tqdm(total=len(files), unit="file", disable=not progress, leave=False) as bar,
+    ):
+        return send_files(files, "127.0.0.1", listener.port, associations=2, on_sent=bar.update)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,16 +92,28 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"1. reusing the DICOM files already under {dicom} (--fresh to regenerate)")
 
-    print(f"\n2. indexing them: imgindex index-files {dicom} --root {root}")
-    summary = index_files(
-        [dicom],
-        root,
-        attributes=settings.attributes,
-        workers=settings.workers,
-        batch_rows=settings.batch_rows,
-        progress=progress,
+    print(
+        "\n2. sending them over DICOM (C-STORE) to a listener, as a scanner or PACS would:\n"
+        f"   imgindex listen --root {root} --port <free port>, fed by pynetdicom"
     )
-    print("   " + format_summary(summary, str(root)).replace("\n", "\n   "))
+    good = sorted(p for p in dicom.rglob("*") if p.is_file() and "zz-broken" not in p.parts)
+    sent = _send_through_listener(good, root, settings.attributes, progress)
+    print(
+        f"   {sent.sent} of {len(good)} instances acknowledged (stored durably under "
+        f"{root / 'objects'} and indexed)"
+    )
+    broken = dicom / "zz-broken"
+    if broken.exists():
+        print(f"\n   and the broken files from disk: imgindex index-files {broken} --root {root}")
+        summary = index_files(
+            [broken],
+            root,
+            attributes=settings.attributes,
+            workers=1,
+            batch_rows=settings.batch_rows,
+            progress=False,
+        )
+        print("   " + format_summary(summary, str(root)).replace("\n", "\n   "))
 
     index = Index(root, settings.attributes)
     print("\n3. what is in the index, per modality:")

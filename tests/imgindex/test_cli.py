@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import io
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 
 from imgindex.cli import build_parser, main
 from imgindex.config import Settings
+from imgindex.index import Index
 from imgindex.testing import write_hospital, write_malformed_files
 
 REPO = Path(__file__).resolve().parents[2]
@@ -102,7 +104,7 @@ def test_sql_on_empty_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 def test_every_subcommand_has_help() -> None:
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert {"index-files", "sql", "demo"} <= set(sub.choices)  # type: ignore[arg-type]
+    assert {"index-files", "listen", "sql", "demo"} <= set(sub.choices)  # type: ignore[arg-type]
     for name, command in sub.choices.items():  # type: ignore[union-attr]
         for action in command._actions:
             assert action.help, f"{name} {action.dest} has no help"
@@ -136,6 +138,16 @@ def test_demo_runs_in_a_fresh_root(tmp_path: Path) -> None:
     assert "CT" in proc.stdout
     assert "Where to go next" in proc.stdout
     assert (root / "tables" / "instances" / "_delta_log").is_dir()
+    # The generated studies went through the listener: every one acknowledged, stored under
+    # ROOT/objects, and indexed from there (the broken files are indexed from disk).
+    match = re.search(r"(\d+) of (\d+) instances acknowledged", proc.stdout)
+    assert match, proc.stdout
+    assert match.group(1) == match.group(2)
+    rows = Index(root).sql(
+        "SELECT count(*) AS n FROM instances WHERE location LIKE '%/objects/%' "
+        "AND source = 'IMGINDEX_SCU'"
+    )
+    assert rows.column("n").to_pylist() == [int(match.group(1))]
 
 
 @pytest.mark.peers
