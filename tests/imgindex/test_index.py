@@ -183,7 +183,9 @@ def test_empty_root_has_empty_tables_with_their_schema(tmp_path: Path) -> None:
 
 
 def test_sql_and_scan_after_writes(tmp_path: Path, rows: list[dict[str, Any]]) -> None:
-    IndexWriter(tmp_path).write(rows, [])
+    # Two writes: the first creates the table, the second merges into it.
+    IndexWriter(tmp_path).write(rows[: len(rows) // 2], [])
+    IndexWriter(tmp_path).write(rows[len(rows) // 2 :], [])
     index = Index(tmp_path)
     result = index.sql(
         "SELECT se.Modality, count(*) AS n, any_value(se.instance_count) AS per_series "
