@@ -38,6 +38,7 @@ __all__ = [
     "Extraction",
     "Extractor",
     "extract_files",
+    "reject_id",
     "reject_row",
 ]
 
@@ -85,6 +86,13 @@ class Extraction:
     size_bytes: int = 0
 
 
+def reject_id(location: str, level: str, reason: str, keyword: str | None) -> str:
+    """The key of a ``rejects`` row: what was refused where. Recompute it when a row's
+    ``location`` changes, or rows of different files collide."""
+    key = f"{location}|{level}|{reason}|{keyword or ''}"
+    return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+
+
 def reject_row(
     *,
     location: str,
@@ -100,9 +108,8 @@ def reject_row(
     size_bytes: int | None = None,
 ) -> dict[str, Any]:
     """A ``rejects`` row; its ``reject_id`` is stable, so indexing again updates it."""
-    key = f"{location}|{level}|{reason}|{keyword or ''}"
     return {
-        "reject_id": hashlib.blake2b(key.encode(), digest_size=16).hexdigest(),
+        "reject_id": reject_id(location, level, reason, keyword),
         "level": level,
         "reason": reason,
         "location": location,

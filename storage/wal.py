@@ -30,7 +30,7 @@ from storage.errors import StorageError
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
 
-__all__ = ["Record", "WriteAheadLog", "read_segment"]
+__all__ = ["Record", "WriteAheadLog", "list_segments", "read_segment", "scan_segment"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,25 @@ def _segment_name(number: int) -> str:
 
 def read_segment(path: str | os.PathLike[str]) -> Iterator[Record]:
     """The intact records of one segment file, in order, up to the first damaged one."""
-    data = Path(path).read_bytes()
+    records, end = scan_segment(path)
+    size = Path(path).stat().st_size
+    if end != size:
+        logger.warning(
+            "%s: %d bytes after the last intact record (a write cut short)", path, size - end
+        )
+    yield from records
+
+
+def scan_segment(path: str | os.PathLike[str], offset: int = 0) -> tuple[list[Record], int]:
+    """The intact records from byte ``offset`` of a segment, and the offset after the last.
+
+    For a reader that follows a log another process is appending to: call again from the
+    returned offset. A record still being written is not intact yet; it is read next time.
+    """
+    with open(path, "rb") as fp:
+        fp.seek(offset)
+        data = fp.read()
+    records = []
     pos = 0
     while pos + _HEADER.size <= len(data):
         magic, length, lsn, crc = _HEADER.unpack_from(data, pos)
@@ -64,14 +82,23 @@ def read_segment(path: str | os.PathLike[str]) -> Iterator[Record]:
         payload = data[start:end]
         if zlib.crc32(payload) != crc:
             break
-        yield Record(lsn, payload)
+        records.append(Record(lsn, payload))
         pos = end
-    if pos != len(data):
-        logger.warning(
-            "%s: %d bytes after the last intact record (a write a crash cut short)",
-            path,
-            len(data) - pos,
-        )
+    return records, offset + pos
+
+
+def list_segments(folder: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """The segment files of a log folder, oldest first (empty if there is no folder)."""
+    found = []
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        match = _SEGMENT.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), Path(entry.path)))
+    return sorted(found)
 
 
 class WriteAheadLog:
@@ -129,12 +156,7 @@ class WriteAheadLog:
 
     def segments(self) -> list[tuple[int, Path]]:
         """The segment files in the folder, oldest first."""
-        found = []
-        for entry in os.scandir(self.folder):
-            match = _SEGMENT.match(entry.name)
-            if match:
-                found.append((int(match.group(1)), Path(entry.path)))
-        return sorted(found)
+        return list_segments(self.folder)
 
     def replay(self) -> Iterator[Record]:
         """Every intact record of every segment that existed before this log was opened."""

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
+import shutil
 import signal
 import sys
 import threading
@@ -56,6 +59,13 @@ def add_parser(sub: Any) -> None:
         "--sync", choices=("full", "none"), default="full", help=_SYNC_HELP + " (default full)"
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="receiving processes sharing the port (default 1); the indexer runs in the "
+        "main process. 2 or more helps when many associations send at once",
+    )
+    parser.add_argument(
         "--flush-interval",
         type=float,
         default=1.0,
@@ -106,9 +116,13 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM or SIGINT, then flush and return 0."""
-    from imgindex.listener import Listener, ListenerConfig
-
     settings = settings_from(args, {"extra_attributes": args.attributes})
+    if "prometheus_client" not in sys.modules:
+        _multiprocess_metrics(settings.root)
+    from imgindex.listener import ListenerConfig
+    from imgindex.listener.metrics import ListenerMetrics
+    from imgindex.listener.supervisor import serve
+
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ConfigError("TLS needs both --tls-cert and --tls-key")
     allow = (
@@ -133,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         attributes=settings.attributes,
     )
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, not {args.workers}")
     # A server reports what it does: associations and their throughput at INFO.
     log = logging.getLogger("imgindex.listener")
     if log.getEffectiveLevel() > logging.INFO:
@@ -145,18 +161,35 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    listener = Listener(config)
-    port = listener.start()
-    metrics = f", metrics on :{listener.metrics_port}" if listener.metrics_port else ""
-    tls = " over TLS" if config.tls_cert else ""
-    print(
-        f"imgindex listen: listening on {config.bind}:{port} as {config.ae_title}{tls} "
-        f"(sync={args.sync}, root={settings.root}{metrics})",
-        file=sys.stderr,
-        flush=True,
-    )
-    while not stop.wait(0.5):
-        pass
-    listener.stop()
-    print("imgindex listen: stopped; everything acknowledged is flushed", file=sys.stderr)
+    metrics = ListenerMetrics()
+    metrics_port: int | None = None
+
+    def on_ready(port: int) -> None:
+        nonlocal metrics_port
+        if config.metrics_port is not None:
+            metrics_port = metrics.serve(config.metrics_port, config.bind)
+        shown = f", metrics on :{metrics_port}" if metrics_port else ""
+        tls = " over TLS" if config.tls_cert else ""
+        print(
+            f"imgindex listen: listening on {config.bind}:{port} as {config.ae_title}{tls} "
+            f"(sync={args.sync}, workers={args.workers}, root={settings.root}{shown})",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    try:
+        serve(config, args.workers, stop, on_ready, metrics)
+    finally:
+        metrics.close()
+    print("imgindex listen: stopped; everything acknowledged is indexed", file=sys.stderr)
     return 0
+
+
+def _multiprocess_metrics(root: Path) -> None:
+    """Counters of all processes in one place: prometheus_client's multiprocess mode, which
+    must be chosen before prometheus_client is first imported."""
+    folder = root.absolute() / "run" / f"metrics-{os.getpid()}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)

@@ -6,7 +6,16 @@ answers with.
 """
 
 from imgindex.listener.dimse import Status
-from imgindex.listener.ingest import Ingest, StoreResult, object_key
+from imgindex.listener.ingest import Ingest, LogIndexer, Receiver, StoreResult, object_key
 from imgindex.listener.server import Listener, ListenerConfig
 
-__all__ = ["Ingest", "Listener", "ListenerConfig", "Status", "StoreResult", "object_key"]
+__all__ = [
+    "Ingest",
+    "Listener",
+    "ListenerConfig",
+    "LogIndexer",
+    "Receiver",
+    "Status",
+    "StoreResult",
+    "object_key",
+]

@@ -3,9 +3,10 @@ process must not collide in the global one)."""
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, multiprocess, start_http_server
 
 if TYPE_CHECKING:
     from threading import Thread
@@ -50,17 +51,28 @@ class ListenerMetrics:
             "imgindex_listener_associations_open",
             "Associations open now",
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.pending_bytes = Gauge(
             "imgindex_listener_pending_bytes",
-            "Acknowledged bytes not yet flushed to the object store and the index",
+            "Acknowledged bytes in the write-ahead logs, not yet indexed",
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self._server: tuple[WSGIServer, Thread] | None = None
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
-        """Serve ``/metrics`` on ``host:port`` in a background thread; returns the port."""
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        """Serve ``/metrics`` on ``host:port`` in a background thread; returns the port.
+
+        With ``PROMETHEUS_MULTIPROC_DIR`` set (``imgindex listen`` sets it before its
+        receiver processes start), what is served is the sum over all processes.
+        """
+        registry = self.registry
+        folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if folder:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=folder)  # type: ignore[no-untyped-call]
+        server, thread = start_http_server(port, addr=host, registry=registry)
         self._server = (server, thread)
         return int(server.server_port)
 

@@ -48,7 +48,7 @@ from imgindex.listener.dimse import (
     echo_response,
     store_response,
 )
-from imgindex.listener.ingest import Ingest
+from imgindex.listener.ingest import Ingest, Receiver, StoreResult
 from imgindex.listener.metrics import ListenerMetrics
 from imgindex.schema import DEFAULT_ATTRIBUTES
 
@@ -108,6 +108,9 @@ class ListenerConfig:
     attributes: Sequence[Attribute] = field(default_factory=lambda: DEFAULT_ATTRIBUTES)
     reuse_port: bool = False
     wal_name: str = "listener-0"
+    #: Index on a thread of this process (True), or leave the log to a :class:`LogIndexer`
+    #: in another process (``imgindex listen`` does that).
+    index_in_process: bool = True
 
 
 class Listener:
@@ -118,17 +121,20 @@ class Listener:
     returns. Usable as a context manager.
     """
 
-    def __init__(self, config: ListenerConfig) -> None:
+    def __init__(self, config: ListenerConfig, metrics: ListenerMetrics | None = None) -> None:
         self.config = config
-        self.metrics = ListenerMetrics()
-        self.ingest = Ingest(
-            config.root,
-            attributes=config.attributes,
-            sync=config.sync,
-            flush_interval=config.flush_interval,
-            wal_name=config.wal_name,
-            metrics=self.metrics,
-        )
+        self.metrics = metrics or ListenerMetrics()
+        self.ingest: Ingest | None = None
+        self.receiver: Receiver | None = None
+        if config.index_in_process:
+            self.ingest = Ingest(
+                config.root,
+                attributes=config.attributes,
+                sync=config.sync,
+                flush_interval=config.flush_interval,
+                wal_name=config.wal_name,
+                metrics=self.metrics,
+            )
         self.port = 0
         self.metrics_port: int | None = None
         self._ssl = _ssl_context(config)
@@ -146,8 +152,16 @@ class Listener:
         self.stop()
 
     def start(self) -> int:
-        """Replay, bind and start accepting; returns the port (useful with port 0)."""
-        self.ingest.start()
+        """Recover, bind and start accepting; returns the port (useful with port 0)."""
+        if self.ingest is not None:
+            self.ingest.start()
+        else:
+            self.receiver = Receiver(
+                self.config.root,
+                attributes=self.config.attributes,
+                sync=self.config.sync,
+                wal_name=self.config.wal_name,
+            )
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if self.config.reuse_port:
@@ -171,8 +185,25 @@ class Listener:
         deadline = time.monotonic() + grace
         for thread in list(self._associations):
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
-        self.ingest.close()
+        if self.ingest is not None:
+            self.ingest.close()
+        if self.receiver is not None:
+            self.receiver.close()
         self.metrics.close()
+
+    def store(
+        self,
+        calling_aet: str,
+        sop_class: str,
+        sop_instance: str,
+        transfer_syntax: str,
+        dataset: bytes,
+    ) -> StoreResult:
+        """Store one received instance (see :meth:`Receiver.store`)."""
+        sink = self.ingest or self.receiver
+        if sink is None:
+            raise RuntimeError("Listener.start() first")
+        return sink.store(calling_aet, sop_class, sop_instance, transfer_syntax, dataset)
 
     def _accept_loop(self) -> None:
         assert self._sock is not None
@@ -494,7 +525,7 @@ class _Association:
             raise _Abort(f"unsupported DIMSE command 0x{field_ or 0:04X} on a storage context")
         sop_class = command_uid(command, 0x0002) or abstract
         sop_instance = command_uid(command, 0x1000) or ""
-        result = self.listener.ingest.store(
+        result = self.listener.store(
             self.calling, sop_class, sop_instance, transfer_syntax, dataset
         )
         if result.status == Status.SUCCESS:

@@ -32,6 +32,7 @@ from imgindex.listener.dimse import (
     file_meta,
     store_response,
 )
+from imgindex.listener.ingest import INLINE_LIMIT
 from imgindex.testing import make_series
 from storage.objects import validate_key
 
@@ -192,12 +193,14 @@ def test_bad_bytes_are_answered_cannot_understand_and_recorded(tmp_path: Path) -
     assert [r["SOPInstanceUID"] for r in _rows(tmp_path)] == [good.SOPInstanceUID]
 
 
+@pytest.mark.parametrize("size", [16, 400], ids=["in-the-log", "by-reference"])
 def test_a_crash_before_the_flush_loses_nothing_and_replay_adds_no_duplicates(
-    tmp_path: Path,
+    tmp_path: Path, size: int
 ) -> None:
     crashed = Ingest(tmp_path, flush_interval=3600)  # never flushes on its own
     crashed.start()
-    series = _series(4)
+    series = make_series(2, "CT", 4, size, size)
+    assert (len(_dataset_bytes(series[0])) > INLINE_LIMIT) == (size == 400)
     for ds in series:
         result = crashed.store(
             "SCU", CT, ds.SOPInstanceUID, ExplicitVRLittleEndian, _dataset_bytes(ds)
@@ -230,7 +233,8 @@ def test_a_full_disk_is_answered_out_of_resources(
     def enospc(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ingest.objects, "put", enospc)
+    assert ingest._receiver is not None
+    monkeypatch.setattr(ingest._receiver.wal, "append", enospc)
     result = ingest.store(
         "SCU", CT, full.SOPInstanceUID, ExplicitVRLittleEndian, _dataset_bytes(full)
     )
