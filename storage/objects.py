@@ -97,9 +97,27 @@ class LocalObjectStore:
 
     def put(self, key: str, data: bytes, *, sync: bool = True) -> None:
         """Write ``data`` to a temporary file beside the target, then rename it into place."""
-        self.put_stream(key, _BytesReader(data), sync=sync)
+        target = self.path(key)
+        folder = target.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                if sync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        if sync:
+            _fsync_dir(folder)
 
-    def put_stream(self, key: str, stream: BinaryIO | _BytesReader, *, sync: bool = True) -> None:
+    def put_stream(self, key: str, stream: BinaryIO, *, sync: bool = True) -> None:
         """Like :meth:`put`, copying from a readable stream in 1 MiB blocks."""
         target = self.path(key)
         folder = target.parent
@@ -166,19 +184,6 @@ class LocalObjectStore:
                 raise OSError(err, f"syncfs {self.root}: {os.strerror(err)}")
         finally:
             os.close(fd)
-
-
-class _BytesReader:
-    """A minimal reader over bytes, without copying them."""
-
-    def __init__(self, data: bytes) -> None:
-        self._view = memoryview(data)
-        self._pos = 0
-
-    def read(self, n: int) -> bytes:
-        chunk = self._view[self._pos : self._pos + n]
-        self._pos += len(chunk)
-        return bytes(chunk)
 
 
 def _syncfs() -> Callable[[int], int] | None:

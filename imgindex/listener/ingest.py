@@ -173,12 +173,18 @@ class Receiver:
         sop_class: str,
         sop_instance: str,
         transfer_syntax: str,
-        dataset: bytes,
+        dataset: bytes | Sequence[bytes | memoryview],
     ) -> StoreResult:
-        """Make one received instance durable; never raises."""
+        """Make one received instance durable; never raises.
+
+        ``dataset`` is the data set as received: bytes, or the fragments as they arrived
+        (joined here, behind the file meta, in one copy).
+        """
         received_at = dt.datetime.now(dt.UTC)
         try:
-            data = file_meta(sop_class, sop_instance, transfer_syntax, calling_aet) + dataset
+            meta = file_meta(sop_class, sop_instance, transfer_syntax, calling_aet)
+            parts = [dataset] if isinstance(dataset, bytes) else dataset
+            data = b"".join([meta, *parts])
             extraction = self._extractors(calling_aet).extract_bytes(
                 data, location="", indexed_at=received_at
             )
@@ -461,7 +467,7 @@ class Ingest:
         sop_class: str,
         sop_instance: str,
         transfer_syntax: str,
-        dataset: bytes,
+        dataset: bytes | Sequence[bytes | memoryview],
     ) -> StoreResult:
         """See :meth:`Receiver.store`."""
         if self._receiver is None:

@@ -197,7 +197,7 @@ class Listener:
         sop_class: str,
         sop_instance: str,
         transfer_syntax: str,
-        dataset: bytes,
+        dataset: bytes | Sequence[bytes | memoryview],
     ) -> StoreResult:
         """Store one received instance (see :meth:`Receiver.store`)."""
         sink = self.ingest or self.receiver
@@ -281,8 +281,8 @@ class _Association:
         self.bytes = 0
         # The message being received: its context, command fragments, data set fragments.
         self._context = 0
-        self._command: list[bytes] = []
-        self._dataset: list[bytes] = []
+        self._command: list[memoryview] = []
+        self._dataset: list[memoryview] = []
         self._parsed: dict[int, bytes] | None = None
 
     # -- reading -----------------------------------------------------------------------------
@@ -308,13 +308,14 @@ class _Association:
             idle_since = time.monotonic()
         return buf
 
-    def _read_pdu(self, *, between_messages: bool) -> tuple[int, bytearray]:
+    def _read_pdu(self, *, between_messages: bool) -> tuple[int, bytearray, bytearray]:
+        """The next PDU: its type, its 6-byte header and its body (separate: no copy)."""
         header = self._recv_exact(6, between_messages=between_messages)
         pdu_type, _reserved, length = _PDU_HEADER.unpack(header)
         limit = self.config.max_pdu + 6 if pdu_type == _P_DATA_TF else _MAX_ASSOCIATE_RQ
         if self.config.max_pdu and length > limit:
             raise _Abort(f"PDU of {length} bytes is over the negotiated maximum")
-        return pdu_type, header + self._recv_exact(length, between_messages=False)
+        return pdu_type, header, self._recv_exact(length, between_messages=False)
 
     # -- the association ---------------------------------------------------------------------
 
@@ -361,12 +362,12 @@ class _Association:
     def _associate(self) -> bool:
         """Read the A-ASSOCIATE-RQ and answer it; whether the association is established."""
         self.sock.settimeout(min(30.0, self.config.idle_timeout))
-        pdu_type, data = self._read_pdu(between_messages=False)
+        pdu_type, header, body = self._read_pdu(between_messages=False)
         self.sock.settimeout(1.0)
         if pdu_type != _A_ASSOCIATE_RQ:
             raise _Abort(f"expected an A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}")
         rq = A_ASSOCIATE_RQ()
-        rq.decode(bytes(data))
+        rq.decode(bytes(header + body))
         request = rq.to_primitive()
         self.calling = str(request.calling_ae_title).strip()
         for item in request.user_information:
@@ -449,9 +450,9 @@ class _Association:
     def _loop(self) -> str:
         while True:
             idle = not (self._command or self._dataset or self._parsed)
-            pdu_type, data = self._read_pdu(between_messages=idle)
+            pdu_type, _header, body = self._read_pdu(between_messages=idle)
             if pdu_type == _P_DATA_TF:
-                self._p_data(data)
+                self._p_data(body)
             elif pdu_type == _A_RELEASE_RQ:
                 if not idle:
                     raise _Abort("A-RELEASE-RQ in the middle of a message")
@@ -468,8 +469,9 @@ class _Association:
             self.sock.sendall(_PDU_HEADER.pack(_A_ABORT, 0, 4) + b"\0\0\0\0")
 
     def _p_data(self, pdu: bytearray) -> None:
+        """The PDV items of a P-DATA-TF body; fragments stay views of it until joined."""
         view = memoryview(pdu)
-        pos, end = 6, len(pdu)
+        pos, end = 0, len(pdu)
         while pos < end:
             if pos + 6 > end:
                 raise _Abort("P-DATA-TF ends inside a PDV item header")
@@ -482,7 +484,7 @@ class _Association:
             if (self._command or self._dataset or self._parsed) and context_id != self._context:
                 raise _Abort("a message switched presentation context mid-way")
             self._context = context_id
-            fragment = bytes(view[start:stop])
+            fragment = view[start:stop]
             if control & 0x01:  # command fragment
                 if self._parsed is not None:
                     raise _Abort("command fragment after the command set was complete")
@@ -509,11 +511,10 @@ class _Association:
 
     def _on_dataset(self) -> None:
         assert self._parsed is not None
-        dataset = b"".join(self._dataset)
-        self._dataset = []
-        self._on_message(self._parsed, dataset)
+        fragments, self._dataset = self._dataset, []
+        self._on_message(self._parsed, fragments)
 
-    def _on_message(self, command: dict[int, bytes], dataset: bytes | None) -> None:
+    def _on_message(self, command: dict[int, bytes], dataset: list[memoryview] | None) -> None:
         self._parsed = None
         field_ = command_us(command, 0x0100)
         message_id = command_us(command, 0x0110) or 0
@@ -529,10 +530,11 @@ class _Association:
             self.calling, sop_class, sop_instance, transfer_syntax, dataset
         )
         if result.status == Status.SUCCESS:
+            nbytes = sum(len(f) for f in dataset)
             self.instances += 1
-            self.bytes += len(dataset)
+            self.bytes += nbytes
             self.metrics.instances.inc()
-            self.metrics.received_bytes.inc(len(dataset))
+            self.metrics.received_bytes.inc(nbytes)
         else:
             self.failures += 1
             self.metrics.failures.labels(result.reason or "unknown").inc()
