@@ -7,6 +7,7 @@ loop by a count, so that a listener that hangs fails a test instead of the run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import queue
 import re
@@ -62,6 +63,23 @@ def free_port() -> int:
         sock.bind((HOST, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+@functools.cache
+def dcmtk(tool: str) -> str:
+    """The path of DCMTK's ``tool`` (``storescu``, ``echoscu``): the first on PATH whose
+    ``--version`` says DCMTK. pynetdicom installs Python tools of the same names into the
+    venv's ``bin``, which ``scripts/test`` puts first on PATH."""
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = Path(folder, tool)
+        if not os.access(candidate, os.X_OK):
+            continue
+        version = subprocess.run(
+            [str(candidate), "--version"], capture_output=True, text=True, timeout=10, check=False
+        )
+        if "dcmtk" in (version.stdout + version.stderr).lower():
+            return str(candidate)
+    raise AssertionError(f"DCMTK's {tool} is not installed: scripts/install installs it")
 
 
 def dcmtk_env() -> dict[str, str]:
@@ -410,7 +428,7 @@ def meta_of(path: Path) -> tuple[str, str, str]:
 def run_echoscu(port: int, *, aet: str = "ECHOSCU", timeout: float = TIMEOUT) -> str | None:
     """C-ECHO with ``echoscu``; None on success, else its output."""
     proc = subprocess.run(
-        ["echoscu", "-to", "10", "-ta", "10", "-aet", aet, HOST, str(port)],
+        [dcmtk("echoscu"), "-to", "10", "-ta", "10", "-aet", aet, HOST, str(port)],
         capture_output=True,
         text=True,
         errors="replace",
@@ -479,7 +497,7 @@ def storescu_command(
     workdir.mkdir(parents=True, exist_ok=True)
     config = storescu_config(files, workdir / f"storescu-{aet}.cfg")
     return [
-        "storescu",
+        dcmtk("storescu"),
         "-d",
         "-nh",
         "-to",
