@@ -443,9 +443,22 @@ class _Association:
         rj.from_primitive(reject)
         with contextlib.suppress(OSError):
             self.sock.sendall(rj.encode())
+            self._await_peer_close()
         self.metrics.rejected_associations.labels(why).inc()
         logger.warning("rejected association from %s@%s:%d: %s", self.calling, *self.peer, why)
         return False
+
+    def _await_peer_close(self, timeout: float = 5.0) -> None:
+        """After an A-ASSOCIATE-RJ the requestor closes the connection (PS3.8 9.2, Sta13
+        with the ARTIM timer): closing first can reach the peer before it read the reject."""
+        deadline = time.monotonic() + timeout
+        self.sock.settimeout(0.2)
+        while time.monotonic() < deadline:
+            try:
+                if not self.sock.recv(4096):
+                    return
+            except TimeoutError:
+                continue
 
     def _loop(self) -> str:
         while True:
