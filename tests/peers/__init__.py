@@ -1,0 +1,1 @@
+"""Peer tests: real DICOM servers (Orthanc) started on loopback."""
