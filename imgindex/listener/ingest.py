@@ -12,10 +12,13 @@ Two halves, which may run in different processes:
    ``ROOT/wal/<receiver>/``, and wait for the group commit: one ``fdatasync`` covers every
    association waiting at that moment. Then answer success: acknowledged means durable.
 
-:class:`LogIndexer` follows the logs: it writes each logged instance to its object under
-``ROOT/objects/`` (no fsync per file), makes the batch durable with one ``syncfs``, upserts
-its rows (one commit per table), and deletes log segments once they are wholly indexed. It
-does the same for whatever a crash left, so start-up recovery is the normal path; upserts
+Instances of ``INLINE_LIMIT`` bytes or more are instead written to a staging object under
+``ROOT/objects/_incoming/`` and the log holds its name; one ``syncfs`` makes both durable.
+
+:class:`LogIndexer` follows the logs: in log order it writes each logged instance to its
+object under ``ROOT/objects/`` (no fsync per file) or moves the staged one into place,
+makes the batch durable with one ``syncfs``, upserts its rows (one commit per table), and
+deletes log segments once they are wholly indexed. It does the same for whatever a crash left, so start-up recovery is the normal path; upserts
 keyed by SOPInstanceUID make re-indexing a record harmless, so a crash at any point loses
 nothing acknowledged and duplicates nothing.
 
@@ -30,6 +33,7 @@ process of its own the indexer costs receivers nothing.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -38,6 +42,7 @@ import os
 import re
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from struct import Struct
@@ -65,9 +70,13 @@ _SAFE_UID = re.compile(r"^[0-9][0-9.]{0,63}$")
 #: Record payload header: kind, received_at (µs since the epoch), lengths of the calling AE
 #: title and of the object key; then the title, the key and the whole Part 10 file.
 _RECORD = Struct("<cqHH")
-#: Record kinds: an instance with its bytes, an instance written to its object by the
-#: receiver (the record holds only the key), reject rows as JSON.
+#: Record kinds: an instance with its bytes, an instance the receiver wrote to a staging
+#: object (the record holds the object key, then the staging key), reject rows as JSON.
 _INSTANCE, _REFERENCE, _REJECTS = b"I", b"F", b"R"
+#: Where receivers stage large instances. Only the indexer moves them into place, in log
+#: order, so an object and its row always come from the same receipt, even when one
+#: SOPInstanceUID arrives twice, once inline and once staged.
+STAGING = "_incoming"
 #: Instances this large are written once, to their object, and made durable by ``syncfs``;
 #: smaller ones go into the log whole, where one ``fdatasync`` costs far less.
 INLINE_LIMIT = 256 * 1024
@@ -209,10 +218,11 @@ class Receiver:
             if kind == _INSTANCE:
                 lsn = self.wal.append([header, aet, key.encode(), data])
             else:
+                staged = f"{STAGING}/{self.wal_name}/{uuid.uuid4().hex}.dcm"
                 # Flag before the append: the sync that covers the record sees the flag.
-                self.objects.put(key, data, sync=False)
+                self.objects.put(staged, data, sync=False)
                 self._unsynced_objects = True
-                lsn = self.wal.append([header, aet, key.encode()])
+                lsn = self.wal.append([header, aet, key.encode(), staged.encode()])
         except OSError as exc:
             return _out_of_resources(exc)
         try:
@@ -346,10 +356,15 @@ class LogIndexer:
                 received_at = dt.datetime.fromtimestamp(received_us / 1e6, dt.UTC)
                 location = self._prefix + key
                 if kind == _REFERENCE:
-                    # The receiver wrote the object and synced it before acknowledging; a
-                    # record whose object is missing was cut by a crash before that sync.
+                    # The receiver staged the object and synced it before acknowledging.
                     stored = self.objects.path(key)
-                    if not stored.is_file():
+                    staged = payload[start + key_length :].decode()
+                    if staged and self.objects.exists(staged):
+                        os.replace(self.objects.path(staged), _parent_made(stored))
+                        objects += 1
+                    elif not stored.is_file():
+                        # Cut by a crash before the sync, so never acknowledged. (A staged
+                        # object that is gone was moved into place by an earlier pass.)
                         logger.warning("logged object %s is missing (never acknowledged)", key)
                         continue
                     extraction = self._extractors(aet).extract_file(
@@ -410,7 +425,22 @@ class LogIndexer:
             total += n
         # A last pass deletes segments that held nothing more.
         self.run_once()
+        self._sweep_staging()
         return total
+
+    def _sweep_staging(self) -> None:
+        """Delete staged objects no log refers to any more: left by a receiver that died
+        between staging and logging, so never acknowledged."""
+        if self.backlog_bytes():
+            return  # a segment that could not be indexed may still refer to them
+        staging = self.objects.root / STAGING
+        for stray in self.objects.iter_keys(STAGING + "/"):
+            logger.warning("deleting %s: staged but never acknowledged", stray)
+            self.objects.delete(stray)
+        if staging.is_dir():
+            for folder in [*sorted(staging.glob("*"), reverse=True), staging]:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
 
 class Ingest:
@@ -482,6 +512,11 @@ class Ingest:
         if self._thread is not None:
             self._thread.join()
         self.indexer.drain()
+
+
+def _parent_made(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _out_of_resources(exc: OSError) -> StoreResult:

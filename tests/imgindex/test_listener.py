@@ -5,6 +5,7 @@ test_listener_peers.py."""
 
 from __future__ import annotations
 
+import copy
 import errno
 import io
 from pathlib import Path
@@ -215,6 +216,48 @@ def test_a_crash_before_the_flush_loses_nothing_and_replay_adds_no_duplicates(
     again.close()
     rows = _rows(tmp_path)
     assert sorted(r["SOPInstanceUID"] for r in rows) == sorted(d.SOPInstanceUID for d in series)
+
+
+@pytest.mark.parametrize("order", ["inline-first", "staged-first"])
+def test_one_uid_sent_small_then_large_keeps_object_and_row_from_the_same_receipt(
+    tmp_path: Path, order: str
+) -> None:
+    # The same SOPInstanceUID arrives twice before the indexer runs: once small enough to go
+    # into the log, once large enough to be staged as an object. Whatever the order, the
+    # stored object and the row both come from the last receipt.
+    ingest = Ingest(tmp_path, flush_interval=3600)
+    ingest.start()
+    large = make_series(3, "CT", 1, 400, 400)[0]
+    small = copy.deepcopy(large)
+    small.Rows = small.Columns = 16
+    small.PixelData = bytes(16 * 16 * 2)
+    sends = [(small, ImplicitVRLittleEndian), (large, ExplicitVRLittleEndian)]
+    if order == "staged-first":
+        sends.reverse()
+    assert len(_dataset_bytes(small)) < INLINE_LIMIT < len(_dataset_bytes(large))
+    for ds, syntax in sends:
+        result = ingest.store("SCU", CT, ds.SOPInstanceUID, syntax, _dataset_bytes(ds, syntax))
+        assert result.status == Status.SUCCESS
+    ingest.close()
+    [row] = _rows(tmp_path)
+    last, syntax = sends[-1]
+    assert row["TransferSyntaxUID"] == syntax
+    assert row["Rows"] == last.Rows
+    path = Path(row["location"].removeprefix("file://"))
+    assert path.read_bytes().endswith(_dataset_bytes(last, syntax))
+    assert not (tmp_path / "objects" / "_incoming").exists(), "nothing left staged"
+
+
+def test_a_staged_object_never_logged_is_deleted_on_the_next_start(tmp_path: Path) -> None:
+    # A receiver that died between staging an object and logging it never acknowledged it.
+    stray = tmp_path / "objects" / "_incoming" / "listener-0" / "0123.dcm"
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(b"never acknowledged")
+    ingest = Ingest(tmp_path, flush_interval=0.05)
+    assert ingest.start() == 0
+    ingest.close()
+    assert not stray.exists()
+    assert _rows(tmp_path) == []
 
 
 def test_a_full_disk_is_answered_out_of_resources(
