@@ -20,7 +20,13 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from imgindex.schema import DEFAULT_ATTRIBUTES, REJECT_SCHEMA, Attribute, instance_schema
+from imgindex.schema import (
+    CRAWL_STATE_SCHEMA,
+    DEFAULT_ATTRIBUTES,
+    REJECT_SCHEMA,
+    Attribute,
+    instance_schema,
+)
 from storage import Table
 
 if TYPE_CHECKING:
@@ -32,12 +38,13 @@ __all__ = ["TABLE_NAMES", "Index", "IndexWriter"]
 logger = logging.getLogger(__name__)
 
 #: Tables an index holds, in the order people meet them.
-TABLE_NAMES = ("instances", "series", "studies", "rejects")
+TABLE_NAMES = ("instances", "series", "studies", "rejects", "crawl_state")
 _KEYS = {
     "instances": ("SOPInstanceUID",),
     "series": ("SeriesInstanceUID",),
     "studies": ("StudyInstanceUID",),
     "rejects": ("reject_id",),
+    "crawl_state": ("source", "kind", "key"),
 }
 _DERIVED_FROM = "imgindex.instances_version"
 
@@ -132,6 +139,8 @@ class Index:
         """An empty table with the schema ``name`` has before its first write."""
         if name == "rejects":
             return REJECT_SCHEMA.empty_table()
+        if name == "crawl_state":
+            return CRAWL_STATE_SCHEMA.empty_table()
         inst = instance_schema(self.attributes).empty_table()
         if name == "instances":
             return inst
@@ -157,6 +166,11 @@ class Index:
     def rejects(self) -> pl.LazyFrame:
         """Files that could not be indexed and values that did not parse."""
         return self.scan("rejects")
+
+    @property
+    def crawl_state(self) -> pl.LazyFrame:
+        """What crawls of DICOMweb servers and change feeds have done, per study and series."""
+        return self.scan("crawl_state")
 
     def versions(self) -> dict[str, int | None]:
         """Current version of each table (None for a table not yet written)."""

@@ -29,6 +29,7 @@ import pyarrow as pa
 from pydicom.datadict import dictionary_VM, dictionary_VR, keyword_dict, tag_for_keyword
 
 __all__ = [
+    "CRAWL_STATE_SCHEMA",
     "DEFAULT_ATTRIBUTES",
     "REJECT_SCHEMA",
     "UID_KEYWORDS",
@@ -251,5 +252,30 @@ REJECT_SCHEMA = pa.schema(
         pa.field("message", pa.string()),
         pa.field("size_bytes", pa.int64()),
         pa.field("indexed_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
+#: Schema of ``crawl_state``: what each crawl of a server has seen and done, keyed by
+#: (``source``, ``kind``, ``key``). ``kind`` is ``study`` or ``series`` (``key`` its UID; the
+#: counts the server reported and the instances indexed; ``status`` ``done``, ``incomplete``
+#: (fewer indexed than reported; ``missing`` says how many) or ``failed`` (``error`` says why)),
+#: ``window`` (a StudyDate range still capped after splitting: ``status`` ``capped``) or
+#: ``feed`` (Orthanc's change feed: ``last_seq``). A later crawl skips studies and series
+#: whose counts are unchanged and ``done``, and retries every other one.
+CRAWL_STATE_SCHEMA = pa.schema(
+    [
+        pa.field("source", pa.string()),
+        pa.field("kind", pa.string()),
+        pa.field("key", pa.string()),
+        pa.field("StudyInstanceUID", pa.string()),
+        pa.field("status", pa.string()),
+        pa.field("expected_series", pa.int64()),
+        pa.field("expected_instances", pa.int64()),
+        pa.field("indexed_instances", pa.int64()),
+        pa.field("missing", pa.int64()),
+        pa.field("last_seq", pa.int64()),
+        pa.field("error", pa.string()),
+        pa.field("updated_at", pa.timestamp("us", tz="UTC")),
     ]
 )

@@ -55,6 +55,7 @@ EXPECTED: dict[str, set[str]] = {
     "imgindex.errors": {"ConfigError", "DicomReadError", "ImgindexError"},
     "imgindex.config": {"SETTINGS_HELP", "Settings", "load_settings"},
     "imgindex.schema": {
+        "CRAWL_STATE_SCHEMA",
         "DEFAULT_ATTRIBUTES",
         "REJECT_SCHEMA",
         "UID_KEYWORDS",

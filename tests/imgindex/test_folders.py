@@ -17,7 +17,7 @@ import pydicom
 import pytest
 
 from imgindex.crawl import IndexSummary, folders, index_files, iter_files
-from imgindex.index import TABLE_NAMES, Index
+from imgindex.index import Index
 from imgindex.schema import DEFAULT_ATTRIBUTES, UID_KEYWORDS
 from imgindex.testing import write_hospital
 
@@ -66,14 +66,13 @@ def walk_order(root: Path, path: Path) -> tuple[str, ...]:
 def rows(root: Path, *, drop: tuple[str, ...] = ("indexed_at",)) -> dict[str, list[Any]]:
     index = Index(root)
     return {
-        name: index.scan(name).drop(drop).sort(KEYS[name]).collect().to_dicts()
-        for name in TABLE_NAMES
+        name: index.scan(name).drop(drop).sort(KEYS[name]).collect().to_dicts() for name in KEYS
     }
 
 
 def counts(root: Path) -> dict[str, int]:
     index = Index(root)
-    return {name: index.scan(name).collect().height for name in TABLE_NAMES}
+    return {name: index.scan(name).collect().height for name in KEYS}
 
 
 class Indexed(NamedTuple):

@@ -233,7 +233,13 @@ def test_versions_and_derived_from(tmp_path: Path, rows: list[dict[str, Any]]) -
     writer = IndexWriter(tmp_path)
     index = Index(tmp_path)
     writer.write(rows[:3], [])
-    assert index.versions() == {"instances": 0, "series": 0, "studies": 0, "rejects": None}
+    assert index.versions() == {
+        "instances": 0,
+        "series": 0,
+        "studies": 0,
+        "rejects": None,
+        "crawl_state": None,
+    }
     writer.write(rows[3:], [])
     versions = index.versions()
     assert versions["instances"] == 1
@@ -259,7 +265,13 @@ def test_rejects_are_upserted(tmp_path: Path, malformed: dict[str, Path]) -> Non
     writer.write([], rejects)
     writer.write([], rejects)
     index = Index(tmp_path)
-    assert index.versions() == {"instances": None, "series": None, "studies": None, "rejects": 1}
+    assert index.versions() == {
+        "instances": None,
+        "series": None,
+        "studies": None,
+        "rejects": 1,
+        "crawl_state": None,
+    }
     table = index.sql("SELECT level, reason FROM rejects ORDER BY reason")
     assert table.to_pylist() == [
         {"level": "value", "reason": "bad_value"},
