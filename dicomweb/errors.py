@@ -25,6 +25,9 @@ REASONS: dict[str, str] = {
     "no_boundary": "the multipart Content-Type has no boundary parameter (RFC 2046 5.1.1)",
     "malformed_multipart": "a multipart body breaks RFC 2046 (delimiter line or part headers)",
     "truncated": "the body ended before the closing multipart delimiter",
+    "http_status": "the server answered with an error status (at once, or after the last retry)",
+    "connection": "no connection, or the connection failed, after the last retry",
+    "timeout": "the server did not answer in time, after the last retry",
 }
 
 _REDACTED = "***"
