@@ -5,15 +5,22 @@ of the schema (:mod:`imgindex.schema`) is converted from its raw bytes to the co
 A value that does not parse (a date ``20231301``, a DS ``abc``) becomes null and a
 ``rejects`` row with ``level='value'``; a file that cannot be indexed at all becomes a
 ``rejects`` row with ``level='file'`` and the reason.
+
+:meth:`Extractor.extract_json` makes the same row from a DICOM JSON dataset (PS3.18 Annex F),
+as WADO-RS metadata and QIDO-RS responses carry it, without building a pydicom Dataset.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import functools
 import hashlib
 import logging
+import reprlib
 import struct
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,6 +63,7 @@ REJECT_REASONS: dict[str, str] = {
     "dicomdir": "a media directory (DICOMDIR), not an instance; its files are indexed themselves",
     "bad_value": "a value does not parse for its VR; the column is null",
     "no_pixel_data": "image attributes (Rows, Columns) but no Pixel Data: possibly cut short",
+    "malformed_json": "a DICOM JSON dataset (PS3.18 Annex F) that breaks the model",
 }
 
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
@@ -71,6 +79,28 @@ _BINARY = {
     "FL": "f",
     "FD": "d",
 }
+
+
+#: DICOM JSON keys (PS3.18 F.2.2): the value array and the two forms of bulk data.
+_JSON_VALUE = "Value"
+_JSON_BULK_KEYS = ("InlineBinary", "BulkDataURI")
+#: TransferSyntaxUID (0002,0010) and, from QIDO-RS, AvailableTransferSyntaxUID (0008,3002).
+_JSON_TRANSFER_SYNTAX_KEYS = ("00020010", "00083002")
+_JSON_MEDIA_SOP_CLASS_KEY = "00020002"
+#: PS3.18 F.2.2: the component groups of a person name, in the order of PS3.5 6.2.1.
+_PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
+_INT_VRS = frozenset({"IS", "SS", "US", "SL", "UL", "SV", "UV"})
+_FLOAT_VRS = frozenset({"DS", "FL", "FD"})
+#: The fast paths of extract_json: one value of a single-valued column (a string, a float, an
+#: int; other: through the column's parser) and lists of a multi-valued one (floats, strings)
+#: as they are in the JSON; see _json_kind.
+_KIND_TEXT, _KIND_FLOAT, _KIND_INT, _KIND_OTHER = "text", "float", "int", "other"
+_KIND_TEXTS, _KIND_FLOATS, _KIND_LIST = "texts", "floats", "list"
+_STR_TYPE, _FLOAT_TYPE = frozenset({str}), frozenset({float})
+#: Distinct DA, TM or DT texts remembered per column by extract_json.
+_JSON_MEMO_SIZE = 4096
+#: The int64 column range (pyarrow refuses larger Python ints).
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 class BadValueError(ValueError):
@@ -197,6 +227,12 @@ class Extractor:
         self._charset_tag = next(
             a.tag for a in self.attributes if a.keyword == "SpecificCharacterSet"
         )
+        # DICOM JSON keys are tags as eight upper-case hex digits (PS3.18 F.2.1.1): computed
+        # once, with each column's parser, so extract_json is a loop of dict look-ups.
+        self._json_plan = tuple(
+            (a, a.keyword, f"{a.tag:08X}", _json_kind(a), _json_parser(a.vr))
+            for a in self.attributes
+        )
 
     def extract_file(
         self,
@@ -234,6 +270,137 @@ class Extractor:
         except DicomReadError as exc:
             return self._file_reject(exc, location, len(data), now)
         return self._extract(header, location, now)
+
+    def extract_json(
+        self,
+        obj: Mapping[str, Any],
+        *,
+        location: str,
+        indexed_at: dt.datetime | None = None,
+        size_bytes: int | None = None,
+        transfer_syntax: str | None = None,
+    ) -> Extraction:
+        """Extract the row of one DICOM JSON dataset (PS3.18 Annex F); never raises for bad input.
+
+        The row equals what :meth:`extract_file` gives for the same instance, but only the
+        schema's attributes are converted, straight from the JSON values, with no pydicom
+        Dataset in between. Numbers parse whether sent as JSON numbers (PS3.18 F.2.3) or as
+        strings; a plain value is read with the dictionary VR whatever the element's ``vr``
+        says (a server may send ``UN`` for a tag it does not know). Bulk data (InlineBinary,
+        BulkDataURI) in a column, or an element that breaks the model, is a ``bad_value``.
+
+        Parameters
+        ----------
+        obj : mapping
+            One dataset of a WADO-RS metadata or QIDO-RS response, keyed by tags written as
+            eight hex digits (``"0020000D"``).
+        location : str
+            Where the instance is, e.g. its WADO-RS URL.
+        indexed_at : datetime, optional
+            Written to ``indexed_at``; defaults to now.
+        size_bytes : int, optional
+            The instance's size if known (metadata does not tell it).
+        transfer_syntax : str, optional
+            TransferSyntaxUID when ``obj`` has neither (0002,0010) TransferSyntaxUID nor
+            (0008,3002) AvailableTransferSyntaxUID, which QIDO-RS may return.
+
+        Returns
+        -------
+        Extraction
+            The row and its ``bad_value`` rejects; or no row and a file-level reject:
+            ``missing_uid``, or ``malformed_json`` when ``obj`` is not a JSON object.
+        """
+        now = indexed_at or dt.datetime.now(dt.UTC)
+        parsed_json: object = obj  # the type is the contract; a server's JSON may break it
+        if type(parsed_json) is not dict and not isinstance(parsed_json, Mapping):
+            reject = reject_row(
+                location=location,
+                level="file",
+                reason="malformed_json",
+                message=(
+                    f"the dataset is a JSON {_json_type(parsed_json)}, not an object (PS3.18 F.2)"
+                ),
+                source=self.source,
+                indexed_at=now,
+                size_bytes=size_bytes,
+            )
+            return Extraction(None, [reject], size_bytes or 0)
+        rejects: list[dict[str, Any]] = []
+        row: dict[str, Any] = {}
+        get = obj.get
+        for attr, keyword, key, kind, parse in self._json_plan:
+            elem = get(key)
+            if elem is None and key not in obj:
+                continue
+            try:
+                values = elem.get(_JSON_VALUE) if type(elem) is dict else None
+                if type(values) is list and len(values) == 1:
+                    # One value, the common case, inline for single-valued columns: this
+                    # loop runs for every attribute of every instance of a crawl.
+                    value = values[0]
+                    if kind is _KIND_TEXT and type(value) is str and value.isascii():
+                        row[keyword] = value.strip(" \x00") or None
+                        continue
+                    if (kind is _KIND_FLOAT and type(value) is float) or (
+                        kind is _KIND_INT
+                        and type(value) is int
+                        and _INT64_MIN <= value <= _INT64_MAX
+                    ):
+                        row[keyword] = value
+                        continue
+                    if kind is _KIND_OTHER and value is not None:
+                        row[keyword] = parse(value)
+                        continue
+                row[keyword] = _convert_json(attr, kind, elem, parse)
+            except (ValueError, TypeError, ArithmeticError) as exc:
+                rejects.append(
+                    reject_row(
+                        location=location,
+                        level="value",
+                        reason="bad_value",
+                        message=f"{keyword} {attr.tag_text} ({attr.vr}): {exc}",
+                        source=self.source,
+                        indexed_at=now,
+                        keyword=keyword,
+                        tag=attr.tag_text,
+                        value=_json_value_text(elem, attr.vr),
+                        size_bytes=size_bytes,
+                    )
+                )
+                row[keyword] = None
+
+        missing = [k for k in UID_KEYWORDS if not row.get(k)]
+        if missing:
+            is_dicomdir = _json_first_text(obj, _JSON_MEDIA_SOP_CLASS_KEY) == _DICOMDIR_SOP_CLASS
+            file_reject = reject_row(
+                location=location,
+                level="file",
+                reason="dicomdir" if is_dicomdir else "missing_uid",
+                message=(
+                    REJECT_REASONS["dicomdir"]
+                    if is_dicomdir
+                    else "missing or empty: " + ", ".join(missing)
+                ),
+                source=self.source,
+                indexed_at=now,
+                sop_instance_uid=row.get("SOPInstanceUID"),
+                size_bytes=size_bytes,
+            )
+            return Extraction(None, [file_reject], size_bytes or 0)
+
+        # Metadata carries no pixel data, so there is no no_pixel_data check here.
+        for reject in rejects:
+            reject["SOPInstanceUID"] = row["SOPInstanceUID"]
+        row["TransferSyntaxUID"] = (
+            _json_first_text(obj, _JSON_TRANSFER_SYNTAX_KEYS[0])
+            or _json_first_text(obj, _JSON_TRANSFER_SYNTAX_KEYS[1])
+            or transfer_syntax
+        )
+        row["source"] = self.source
+        row["location"] = location
+        row["size_bytes"] = size_bytes
+        row["indexed_at"] = now
+        return Extraction(row, rejects, size_bytes or 0)
 
     def _file_reject(
         self, exc: DicomReadError, location: str, size: int | None, now: dt.datetime
@@ -398,6 +565,246 @@ def _convert(
     if attr.multi:
         return parsed or None
     return parsed[0] if parsed else None
+
+
+#: Renders broken JSON for a reject's ``value``, however large or deep.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 64, 64
+
+
+def _convert_json(attr: Attribute, kind: str, elem: Any, parse: Callable[[Any], Any]) -> Any:
+    """Convert one DICOM JSON element (PS3.18 F.2.2) to its column's value (None when empty).
+
+    Raises
+    ------
+    BadValueError
+        If a value does not parse, the element is bulk data or breaks the model.
+    """
+    if type(elem) is not dict and not isinstance(elem, Mapping):
+        raise BadValueError(f"the element is a JSON {_json_type(elem)}, not an object")
+    values = elem.get(_JSON_VALUE)
+    if values is None:
+        for key in _JSON_BULK_KEYS:
+            if key in elem:
+                raise BadValueError(f"the element is bulk data ({key}), not a value")
+        return None
+    if type(values) is not list:
+        raise BadValueError(f"'Value' is a JSON {_json_type(values)}, not an array")
+    if attr.multi:
+        # Lists of floats or strings as the JSON holds them, the common cases, without a call
+        # per value; null stands for an empty value (PS3.18 F.2.5), dropped as extract_file
+        # drops empty ones.
+        value_types = set(map(type, values))
+        if kind is _KIND_FLOATS and value_types == _FLOAT_TYPE:
+            return values[:]
+        if kind is _KIND_TEXTS and value_types == _STR_TYPE:
+            texts = [text for v in values if (text := v.strip(" \x00"))]
+            if not all(map(str.isascii, texts)):
+                texts = [_unicode(text) for text in texts]
+            return texts or None
+        parsed = []
+        for value in values:
+            if value is not None and (one := parse(value)) is not None:
+                parsed.append(one)
+        return parsed or None
+    if not values:
+        return None
+    if len(values) > 1 and attr.vr in _TEXT_VRS:
+        # extract_file keeps a text value whole, backslashes included (PS3.5 6.2: VM 1).
+        return parse("\\".join(_json_item_text(v, attr.vr) for v in values))
+    first = values[0]
+    return None if first is None else parse(first)
+
+
+def _json_kind(attr: Attribute) -> str:
+    """Which fast path of :meth:`Extractor.extract_json` a column may take."""
+    is_text = _parser(attr.vr) is _parse_text
+    if attr.multi:
+        return _KIND_FLOATS if attr.vr in _FLOAT_VRS else _KIND_TEXTS if is_text else _KIND_LIST
+    if attr.vr in _INT_VRS:
+        return _KIND_INT
+    if attr.vr in _FLOAT_VRS:
+        return _KIND_FLOAT
+    return _KIND_TEXT if is_text else _KIND_OTHER
+
+
+def _json_parser(vr: str) -> Callable[[Any], Any]:
+    """Parser of one DICOM JSON value (a number, string or person-name object) for ``vr``.
+
+    Module-level functions (and partials of them), so that an Extractor pickles for worker
+    processes.
+    """
+    if vr in _INT_VRS:
+        return _parse_json_int
+    if vr in _FLOAT_VRS:
+        return _parse_json_float
+    if vr == "PN":
+        return _parse_json_person_name
+    parser = _parser(vr)
+    if parser is _parse_text:
+        return _parse_json_text
+    # Dates and times repeat across the instances of a study: parse each text once.
+    return functools.partial(_parse_json_memo, parser, {})
+
+
+def _parse_json_text(value: Any) -> str | None:
+    text = (value if type(value) is str else _json_scalar_text(value)).strip(" \x00")
+    return _unicode(text) if text else None
+
+
+def _parse_json_memo(parser: Callable[[str], Any], memo: dict[str, Any], value: Any) -> Any:
+    """``parser(value)``, remembered in ``memo``, as dates and times repeat within a study.
+
+    The results are immutable (dates, datetimes, strings); values that do not parse are not
+    kept.
+    """
+    text = (value if type(value) is str else _json_scalar_text(value)).strip(" \x00")
+    if not text:
+        return None
+    parsed = memo.get(text)
+    if parsed is None:
+        if len(memo) >= _JSON_MEMO_SIZE:
+            memo.clear()
+        parsed = memo[text] = parser(text)
+    return parsed
+
+
+def _parse_json_int(value: Any) -> int | None:
+    if isinstance(value, str):
+        text = value.strip(" \x00")
+        if not text:
+            return None
+        number = _parse_int(text)
+    elif not _is_json_number(value):
+        raise BadValueError(f"a JSON {_json_type(value)} is not a number")
+    elif isinstance(value, float) and not value.is_integer():
+        raise BadValueError(f"{value!r} is not an integer")
+    else:
+        number = int(value)
+    if not _INT64_MIN <= number <= _INT64_MAX:
+        raise BadValueError(f"{_excerpt(value)} is out of the int64 range")
+    return number
+
+
+def _parse_json_float(value: Any) -> float | None:
+    if isinstance(value, str):
+        text = value.strip(" \x00")
+        return _parse_float(text) if text else None
+    if not _is_json_number(value):
+        raise BadValueError(f"a JSON {_json_type(value)} is not a number")
+    return float(value)
+
+
+def _is_json_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _parse_json_person_name(value: Any) -> str | None:
+    is_object = type(value) is dict or (type(value) is not str and isinstance(value, Mapping))
+    text = _person_name_text(value) if is_object else value
+    if not isinstance(text, str):
+        raise BadValueError(f"a JSON {_json_type(value)} is not a person name")
+    return _parse_person_name(_unicode(text.strip(" \x00")))
+
+
+def _person_name_text(value: Mapping[str, Any]) -> str:
+    """A PS3.18 F.2.2 person name object as PS3.5 6.2.1 text: ``Alphabetic=Ideographic=...``."""
+    if len(value) == 1 and type(alphabetic := value.get("Alphabetic")) is str:
+        return alphabetic.rstrip("=")  # the common case: a name in one group
+    groups = [value.get(group) for group in _PN_GROUPS]
+    if not all(g is None or isinstance(g, str) for g in groups):
+        raise BadValueError("a person name group is not a JSON string")
+    # Trailing empty groups say nothing (PS3.5 6.2.1); extract_file drops them too.
+    return "=".join(g or "" for g in groups).rstrip("=")
+
+
+def _unicode(text: str) -> str:
+    """``text``, if it is Unicode that UTF-8 (and Arrow) can hold.
+
+    JSON escapes ``\\ud800`` to ``\\udfff`` decode to lone surrogates, which are not.
+    """
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadValueError(
+                f"{text[:64]!r} holds a lone surrogate (a JSON \\uD800-\\uDFFF escape)"
+            ) from None
+    return text
+
+
+def _excerpt(value: Any) -> str:
+    """A short repr of a JSON value for a message, however large or deep the value."""
+    try:
+        return _REPR.repr(value)
+    except ValueError:  # an int of more digits than int.__repr__ prints (sys.int_info)
+        return f"a JSON {_json_type(value)}"
+
+
+def _json_scalar_text(value: Any) -> str:
+    """A JSON string, or a number as text, for VRs whose values are strings; nothing else."""
+    if isinstance(value, str) or _is_json_number(value):
+        return str(value)
+    raise BadValueError(f"a JSON {_json_type(value)} is not a string")
+
+
+def _json_item_text(value: Any, vr: str) -> str:
+    """One value as DICOM text: empty for null, a person name object (PS3.18 F.2.2) for PN."""
+    if value is None:
+        return ""
+    if vr == "PN" and isinstance(value, Mapping):
+        return _person_name_text(value)
+    return _json_scalar_text(value)
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of ``value``'s type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list | tuple):
+        return "array"
+    if isinstance(value, Mapping):
+        return "object"
+    return type(value).__name__
+
+
+def _json_value_text(elem: Any, vr: str) -> str:
+    """An element's value as a reject's ``value``: 64 characters, values joined by backslashes."""
+    text = _json_values_text(elem, vr)[:64]
+    # Lone surrogates (JSON \uD800 escapes) shown as escapes: the rejects table is UTF-8.
+    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode()
+
+
+def _json_values_text(elem: Any, vr: str) -> str:
+    if isinstance(elem, Mapping):
+        values = elem.get(_JSON_VALUE)
+        if values is None:
+            for key in _JSON_BULK_KEYS:
+                if isinstance(elem.get(key), str):
+                    return str(elem[key])
+        else:
+            if isinstance(values, list):
+                with contextlib.suppress(ValueError):  # a nested value, an int too long to print
+                    return "\\".join(_json_item_text(v, vr) for v in values[:64])
+            return _excerpt(values)
+    return _excerpt(elem)
+
+
+def _json_first_text(obj: Mapping[str, Any], key: str) -> str | None:
+    """The first value of a text element of ``obj``, if it is a non-empty string."""
+    elem = obj.get(key)
+    if elem is None:
+        return None
+    values = elem.get(_JSON_VALUE) if isinstance(elem, Mapping) else None
+    if isinstance(values, list) and values and isinstance(values[0], str) and values[0].isascii():
+        return values[0].strip(" \x00") or None
+    return None
 
 
 def _from_pydicom(value: Any) -> list[Any]:
