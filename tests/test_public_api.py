@@ -51,6 +51,13 @@ EXPECTED: dict[str, set[str]] = {
         "parse_datasets_with_bulk_data",
     },
     "dicomweb.multipart": {"MAX_HEADER_BYTES", "Part", "boundary_of", "iter_parts"},
+    "dicomweb.client": {
+        "DicomWebClient",
+        "RequestEvent",
+        "RetryPolicy",
+        "parse_auth",
+        "read_auth_file",
+    },
     "imgindex": {"ConfigError", "DicomReadError", "ImgindexError", "Index"},
     "imgindex.errors": {"ConfigError", "DicomReadError", "ImgindexError"},
     "imgindex.config": {"SETTINGS_HELP", "Settings", "load_settings"},
@@ -75,7 +82,10 @@ EXPECTED: dict[str, set[str]] = {
         "reject_row",
     },
     "imgindex.index": {"TABLE_NAMES", "Index", "IndexWriter"},
-    "imgindex.crawl": {"IndexSummary", "index_files", "iter_files"},
+    "imgindex.crawl": {"IndexSummary", "crawl", "index_files", "iter_files"},
+    "imgindex.crawl.web": {"CrawlSummary", "DicomWebCrawl", "Shortfall"},
+    "imgindex.crawl.orthanc": {"FeedSummary", "OrthancFeed"},
+    "imgindex.crawl.metrics": {"CrawlMetrics"},
 }
 
 
