@@ -840,14 +840,19 @@ def _parse_person_name(value: Any) -> str | None:
 
 def _parse_int(value: Any) -> int:
     if isinstance(value, int):
-        return value
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        number = _parse_float(value)
-        if not number.is_integer():
-            raise BadValueError(f"{value!r} is not an integer") from None
-        return int(number)
+        number = value
+    else:
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            as_float = _parse_float(value)
+            if not as_float.is_integer():
+                raise BadValueError(f"{value!r} is not an integer") from None
+            number = int(as_float)
+    # The columns are int64: a larger value (an over-long IS, a UV) would fail the batch.
+    if not _INT64_MIN <= number <= _INT64_MAX:
+        raise BadValueError(f"{str(value)[:32]!r} is out of the int64 range")
+    return number
 
 
 def _parse_float(value: Any) -> float:

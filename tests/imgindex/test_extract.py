@@ -225,6 +225,23 @@ def test_bad_date_is_null_and_one_reject(malformed: dict[str, Path]) -> None:
     assert pa.Table.from_pylist(result.rejects, REJECT_SCHEMA).num_rows == 1
 
 
+def test_an_integer_beyond_int64_is_a_bad_value_not_a_failed_batch(tmp_path: Path) -> None:
+    ds = make_series(3, "CT", 1, 8, 8)[0]
+    ds.AcquisitionNumber = "9" * 12  # IS allows 12 characters; this one fits int64
+    path = tmp_path / "big.dcm"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the length; that is the point
+        ds.SeriesNumber = "99999999999999999999"  # over-long: beyond int64
+        write_dataset(ds, path)
+    result = extract(path)
+    assert result.row is not None
+    assert result.row["AcquisitionNumber"] == 999_999_999_999
+    assert result.row["SeriesNumber"] is None
+    assert [r["keyword"] for r in result.rejects] == ["SeriesNumber"]
+    assert "int64" in result.rejects[0]["message"]
+    assert pa.Table.from_pylist([result.row], instance_schema()).num_rows == 1
+
+
 @pytest.mark.parametrize(
     ("kind", "missing"),
     [("missing_sop_uid", "SOPInstanceUID"), ("missing_study_uid", "StudyInstanceUID")],
