@@ -10,6 +10,7 @@ import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import pytest
 from _crawl_helpers import crawl_state, duplicates, sop_uids
 from peers.faults import FaultServer, Reply, Request
@@ -159,6 +160,12 @@ def test_503_then_200_is_retried_and_nothing_is_lost(tmp_path: Path, archive: Fa
     assert 'imgindex_crawl_requests_total{outcome="retry",status="503"} 2.0' in text
     assert "imgindex_crawl_instances_indexed_total 6.0" in text
     assert 'imgindex_crawl_series_total{result="done"} 3.0' in text
+    port = metrics.serve(0)
+    try:
+        served = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    finally:
+        metrics.close()
+    assert "imgindex_crawl_retries_total 2.0" in served
     assert summary.failures == []
     assert summary.series_fetched == 3
     assert sop_uids(tmp_path) == all_uids(archive)

@@ -308,3 +308,27 @@ def _dcmtk(tool: str) -> str:
     from _listener_helpers import dcmtk
 
     return str(dcmtk(tool))
+
+
+def test_follow_from_the_command_line_stops_cleanly_on_sigterm(
+    tmp_path: Path, orthanc: Orthanc
+) -> None:
+    first = write_studies(tmp_path / "a", seed=9, studies=1)
+    orthanc.upload(first)
+    root = tmp_path / "root"
+    process = _imgindex(
+        "crawl", "--orthanc", orthanc.url, "--root", str(root), "--follow",
+        "--poll-interval", "0.2", "--no-progress",
+    )  # fmt: skip
+    try:
+        _wait_for(lambda: sop_uids(root) == uids_of(first), "the first full crawl")
+        later = write_studies(tmp_path / "b", seed=10, studies=1)
+        orthanc.upload(later)
+        _wait_for(lambda: sop_uids(root) == uids_of(first + later), "the uploaded study")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=30)
+    assert process.returncode == 0, err
+    assert "first run: crawled everything through DICOMweb" in out
+    assert "changes read" in out
+    assert "SIGTERM, stopping" in err
