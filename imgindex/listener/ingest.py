@@ -14,6 +14,8 @@ Two halves, which may run in different processes:
 
 Instances of ``INLINE_LIMIT`` bytes or more are instead written to a staging object under
 ``ROOT/objects/_incoming/`` and the log holds its name; one ``syncfs`` makes both durable.
+Without sync every instance goes into the log: appending to an open file is cheaper than
+creating one, and the indexer writes the objects after the acknowledgement.
 
 :class:`LogIndexer` follows the logs: in log order it writes each logged instance to its
 object under ``ROOT/objects/`` (no fsync per file) or moves the staged one into place,
@@ -212,7 +214,7 @@ class Receiver:
                 sop_class,
             )
         aet = calling_aet.encode()
-        kind = _INSTANCE if len(data) < INLINE_LIMIT else _REFERENCE
+        kind = _INSTANCE if not self.sync or len(data) < INLINE_LIMIT else _REFERENCE
         header = _RECORD.pack(kind, _micros(received_at), len(aet), len(key))
         try:
             if kind == _INSTANCE:

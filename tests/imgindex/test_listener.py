@@ -248,6 +248,22 @@ def test_one_uid_sent_small_then_large_keeps_object_and_row_from_the_same_receip
     assert not (tmp_path / "objects" / "_incoming").exists(), "nothing left staged"
 
 
+def test_without_sync_large_instances_go_into_the_log_too(tmp_path: Path) -> None:
+    # --sync none: no object file is created before the answer, the indexer writes it.
+    ingest = Ingest(tmp_path, sync=False, flush_interval=3600)
+    ingest.start()
+    large = make_series(4, "CT", 1, 400, 400)[0]
+    data = _dataset_bytes(large)
+    assert len(data) > INLINE_LIMIT
+    result = ingest.store("SCU", CT, large.SOPInstanceUID, ExplicitVRLittleEndian, data)
+    assert result.status == Status.SUCCESS
+    assert not (tmp_path / "objects" / "_incoming").exists()
+    assert sum(p.stat().st_size for p in (tmp_path / "wal").rglob("*") if p.is_file()) > len(data)
+    ingest.close()
+    [row] = _rows(tmp_path)
+    assert Path(row["location"].removeprefix("file://")).read_bytes().endswith(data)
+
+
 def test_a_staged_object_never_logged_is_deleted_on_the_next_start(tmp_path: Path) -> None:
     # A receiver that died between staging an object and logging it never acknowledged it.
     stray = tmp_path / "objects" / "_incoming" / "listener-0" / "0123.dcm"
