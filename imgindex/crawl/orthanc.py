@@ -26,8 +26,8 @@ import polars as pl
 import pyarrow as pa
 
 from dicomweb.errors import DicomWebError
-from imgindex.crawl.web import CrawlSummary, DicomWebCrawl
-from imgindex.extract import Extractor, reject_row
+from imgindex.crawl.web import CrawlSummary, DicomWebCrawl, fetch_series
+from imgindex.extract import Extractor
 from imgindex.index import Index, IndexWriter
 from imgindex.schema import CRAWL_STATE_SCHEMA, DEFAULT_ATTRIBUTES
 
@@ -218,33 +218,15 @@ class OrthancFeed:
                 touched[series.series_uid] = series
         rows: list[dict[str, Any]] = []
         rejects: list[dict[str, Any]] = []
-        now = dt.datetime.now(dt.UTC)
         for series in touched.values():
-            base = f"{self.web.url}/studies/{series.study_uid}/series/{series.series_uid}"
-            try:
-                objects = self.web.series_metadata(series.study_uid, series.series_uid)
-            except DicomWebError as exc:
-                summary.failures.append(str(exc))
-                logger.warning("series %s: %s", series.series_uid, exc)
-                rejects.append(
-                    reject_row(
-                        location=exc.url or base + "/metadata",
-                        level="series",
-                        reason=exc.reason,
-                        message=str(exc),
-                        source=self.source,
-                        indexed_at=now,
-                    )
-                )
-                continue
-            summary.series_fetched += 1
-            for i, obj in enumerate(objects):
-                sop = _first(obj, "00080018")
-                location = f"{base}/instances/{sop}" if sop else f"{base}/metadata#{i}"
-                extraction = self.extractor.extract_json(obj, location=location, indexed_at=now)
-                if extraction.row is not None:
-                    rows.append(extraction.row)
-                rejects.extend(extraction.rejects)
+            result = fetch_series(self.web, self.extractor, series.study_uid, series.series_uid)
+            rows.extend(result.rows)
+            rejects.extend(result.rejects)
+            if result.error is not None:
+                summary.failures.append(str(result.error))
+                logger.warning("series %s: %s", series.series_uid, result.error)
+            else:
+                summary.series_fetched += 1
         if rows or rejects:
             self.writer.write(rows, rejects)
         summary.instances += len(rows)
@@ -279,12 +261,3 @@ def _orthanc_id(value: str) -> str:
     if not value or any(c not in "0123456789abcdef-" for c in value):
         raise ValueError(f"not an Orthanc identifier: {value[:80]!r}")
     return value
-
-
-def _first(obj: dict[str, Any], tag: str) -> str | None:
-    element = obj.get(tag)
-    if isinstance(element, dict):
-        values = element.get("Value")
-        if isinstance(values, list) and values and isinstance(values[0], str):
-            return values[0]
-    return None

@@ -337,30 +337,7 @@ class DicomWebCrawl:
         )
 
     def _fetch_series(self, study_uid: str, series_uid: str, expected: int | None) -> _SeriesResult:
-        now = dt.datetime.now(dt.UTC)
-        base = f"{self.client.url}/studies/{study_uid}/series/{series_uid}"
-        try:
-            objects = self.client.series_metadata(study_uid, series_uid)
-        except DicomWebError as exc:
-            reject = reject_row(
-                location=exc.url or base + "/metadata",
-                level="series",
-                reason=exc.reason,
-                message=str(exc),
-                source=self.source,
-                indexed_at=now,
-            )
-            return _SeriesResult(study_uid, series_uid, expected, [], [reject], exc)
-        rows: list[dict[str, Any]] = []
-        rejects: list[dict[str, Any]] = []
-        for i, obj in enumerate(objects):
-            sop = _uid(obj, "00080018")
-            location = f"{base}/instances/{sop}" if sop else f"{base}/metadata#{i}"
-            extraction = self.extractor.extract_json(obj, location=location, indexed_at=now)
-            if extraction.row is not None:
-                rows.append(extraction.row)
-            rejects.extend(extraction.rejects)
-        return _SeriesResult(study_uid, series_uid, expected, rows, rejects)
+        return fetch_series(self.client, self.extractor, study_uid, series_uid, expected)
 
     # -- the crawl -------------------------------------------------------------------------
 
@@ -576,6 +553,42 @@ class DicomWebCrawl:
         summary.stopped = summary.stopped or self.stop.is_set()
         summary.seconds = time.perf_counter() - started
         return summary
+
+
+def fetch_series(
+    client: DicomWebClient,
+    extractor: Extractor,
+    study_uid: str,
+    series_uid: str,
+    expected: int | None = None,
+) -> _SeriesResult:
+    """One series' WADO-RS metadata as rows (location: each instance's WADO-RS URL) and
+    rejects; a response that cannot be used is one ``level='series'`` reject and ``error``.
+    """
+    now = dt.datetime.now(dt.UTC)
+    base = f"{client.url}/studies/{study_uid}/series/{series_uid}"
+    try:
+        objects = client.series_metadata(study_uid, series_uid)
+    except DicomWebError as exc:
+        reject = reject_row(
+            location=exc.url or base + "/metadata",
+            level="series",
+            reason=exc.reason,
+            message=str(exc),
+            source=extractor.source,
+            indexed_at=now,
+        )
+        return _SeriesResult(study_uid, series_uid, expected, [], [reject], exc)
+    rows: list[dict[str, Any]] = []
+    rejects: list[dict[str, Any]] = []
+    for i, obj in enumerate(objects):
+        sop = _uid(obj, "00080018")
+        location = f"{base}/instances/{sop}" if sop else f"{base}/metadata#{i}"
+        extraction = extractor.extract_json(obj, location=location, indexed_at=now)
+        if extraction.row is not None:
+            rows.append(extraction.row)
+        rejects.extend(extraction.rejects)
+    return _SeriesResult(study_uid, series_uid, expected, rows, rejects)
 
 
 def _split(
