@@ -5,25 +5,24 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import Counter, Gauge
+
+from imgindex._metrics import ServedMetrics
 
 if TYPE_CHECKING:
-    from threading import Thread
-    from wsgiref.simple_server import WSGIServer
-
     from dicomweb.client import RequestEvent
 
 __all__ = ["CrawlMetrics"]
 
 
-class CrawlMetrics:
+class CrawlMetrics(ServedMetrics):
     """The crawler's counters and gauges; names start with ``imgindex_crawl_``.
 
     Pass :meth:`on_request` as the client's ``on_event`` to count requests and retries.
     """
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        super().__init__()
         self.requests = Counter(
             "imgindex_crawl_requests",
             "HTTP requests made, by outcome (ok, retry, failed) and status ('none' without a "
@@ -58,7 +57,6 @@ class CrawlMetrics:
             "Last sequence number of Orthanc's change feed that was indexed",
             registry=self.registry,
         )
-        self._server: tuple[WSGIServer, Thread] | None = None
 
     def on_request(self, event: RequestEvent) -> None:
         """Count one request attempt (the client's ``on_event`` hook)."""
@@ -70,18 +68,3 @@ class CrawlMetrics:
             self.failures.labels(
                 status if event.status is not None else event.error or "error"
             ).inc()
-
-    def serve(self, port: int, host: str = "127.0.0.1") -> int:
-        """Serve ``/metrics`` on ``host:port`` in a background thread; returns the port."""
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
-        self._server = (server, thread)
-        return int(server.server_port)
-
-    def close(self) -> None:
-        """Stop serving."""
-        if self._server is not None:
-            server, thread = self._server
-            server.shutdown()
-            server.server_close()
-            thread.join()
-            self._server = None

@@ -336,9 +336,6 @@ class DicomWebCrawl:
             )
         )
 
-    def _fetch_series(self, study_uid: str, series_uid: str, expected: int | None) -> _SeriesResult:
-        return fetch_series(self.client, self.extractor, study_uid, series_uid, expected)
-
     # -- the crawl -------------------------------------------------------------------------
 
     def run(self) -> CrawlSummary:
@@ -415,7 +412,9 @@ class DicomWebCrawl:
                         self.metrics.series.labels("skipped").inc()
                     continue
                 study.open_series += 1
-                future = pool.submit(self._fetch_series, study.uid, series_uid, expected)
+                future = pool.submit(
+                    fetch_series, self.client, self.extractor, study.uid, series_uid, expected
+                )
                 inflight.add(future)
                 kinds[future] = ("series", study.uid)
             if study.open_series == 0:

@@ -4,22 +4,19 @@ process must not collide in the global one)."""
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, multiprocess, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, multiprocess
 
-if TYPE_CHECKING:
-    from threading import Thread
-    from wsgiref.simple_server import WSGIServer
+from imgindex._metrics import ServedMetrics
 
 __all__ = ["ListenerMetrics"]
 
 
-class ListenerMetrics:
+class ListenerMetrics(ServedMetrics):
     """The listener's counters and gauges; names start with ``imgindex_listener_``."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        super().__init__()
         self.instances = Counter(
             "imgindex_listener_instances",
             "Instances received and acknowledged (stored durably)",
@@ -59,28 +56,13 @@ class ListenerMetrics:
             registry=self.registry,
             multiprocess_mode="livesum",
         )
-        self._server: tuple[WSGIServer, Thread] | None = None
 
-    def serve(self, port: int, host: str = "127.0.0.1") -> int:
-        """Serve ``/metrics`` on ``host:port`` in a background thread; returns the port.
-
-        With ``PROMETHEUS_MULTIPROC_DIR`` set (``imgindex listen`` sets it before its
-        receiver processes start), what is served is the sum over all processes.
-        """
-        registry = self.registry
+    def _served_registry(self) -> CollectorRegistry:
+        """With ``PROMETHEUS_MULTIPROC_DIR`` set (``imgindex listen`` sets it before its
+        receiver processes start), what is served is the sum over all processes."""
         folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-        if folder:
-            registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry, path=folder)  # type: ignore[no-untyped-call]
-        server, thread = start_http_server(port, addr=host, registry=registry)
-        self._server = (server, thread)
-        return int(server.server_port)
-
-    def close(self) -> None:
-        """Stop serving."""
-        if self._server is not None:
-            server, thread = self._server
-            server.shutdown()
-            server.server_close()
-            thread.join(timeout=5)
-            self._server = None
+        if not folder:
+            return self.registry
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=folder)  # type: ignore[no-untyped-call]
+        return registry
