@@ -4,12 +4,14 @@
 
     ImgindexError (Exception)
     ├── ConfigError (ImgindexError, ValueError)     a setting or flag is wrong
-    └── DicomReadError (ImgindexError, ValueError)  a file cannot be indexed; ``reason`` says why
+    ├── DicomReadError (ImgindexError, ValueError)  a file cannot be indexed; ``reason`` says why
+    ├── EmrError (ImgindexError, ValueError)        EMR data cannot be imported or read
+    └── CohortError (ImgindexError, ValueError)     a cohort definition is wrong
 """
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "DicomReadError", "ImgindexError"]
+__all__ = ["CohortError", "ConfigError", "DicomReadError", "EmrError", "ImgindexError"]
 
 
 class ImgindexError(Exception):
@@ -35,3 +37,11 @@ class DicomReadError(ImgindexError, ValueError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class EmrError(ImgindexError, ValueError):
+    """OMOP CDM data cannot be imported or read; the message names the table and column."""
+
+
+class CohortError(ImgindexError, ValueError):
+    """A cohort definition or code set is wrong; the message names the file, line and field."""
