@@ -74,12 +74,31 @@ def _series_plan(instances: pl.LazyFrame, attributes: Sequence[Attribute]) -> pl
     ordered = instances.sort(["InstanceNumber", "SOPInstanceUID"], nulls_last=True)
     return ordered.group_by("SeriesInstanceUID").agg(
         *[pl.col(k).drop_nulls().first() for k in dict.fromkeys(carried)],
+        _imaging_date(names),
         pl.len().cast(pl.Int64).alias("instance_count"),
         pl.col("NumberOfFrames").fill_null(1).sum().cast(pl.Int64).alias("frame_count"),
         pl.col("size_bytes").sum().cast(pl.Int64).alias("size_bytes"),
         pl.col("SOPClassUID").drop_nulls().unique().sort().alias("sop_class_uids"),
         pl.col("indexed_at").max().alias("indexed_at"),
     )
+
+
+#: Where ``imaging_date`` comes from, in order of preference.
+IMAGING_DATE_SOURCES = ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate")
+
+
+def _imaging_date(names: set[str]) -> pl.Expr:
+    """The day a series was taken: StudyDate, else SeriesDate, else the earliest
+    AcquisitionDate, else the earliest ContentDate of its instances (DICOM dates are local
+    dates without a time zone, and so is this)."""
+    parts = [
+        pl.col(k).drop_nulls().first() if k in ("StudyDate", "SeriesDate") else pl.col(k).min()
+        for k in IMAGING_DATE_SOURCES
+        if k in names
+    ]
+    if not parts:
+        return pl.lit(None, dtype=pl.Date).alias("imaging_date")
+    return pl.coalesce(parts).cast(pl.Date).alias("imaging_date")
 
 
 def _studies_plan(instances: pl.LazyFrame, attributes: Sequence[Attribute]) -> pl.LazyFrame:
