@@ -1,6 +1,7 @@
 """imgindex: index PACS/DICOM metadata, join it with OMOP EMR data, export cohorts.
 
-The Python surface: :class:`Index` reads the index tables as polars LazyFrames or DuckDB SQL.
+The Python surface: :class:`Index` reads the index tables as polars LazyFrames or DuckDB SQL;
+:class:`Cohort` selects series by EMR criteria (run with :func:`imgindex.cohort.select`).
 """
 
 from __future__ import annotations
@@ -8,12 +9,21 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from imgindex.errors import ConfigError, DicomReadError, ImgindexError
+from imgindex.errors import CohortError, ConfigError, DicomReadError, EmrError, ImgindexError
 
 if TYPE_CHECKING:
+    from imgindex.cohort import Cohort
     from imgindex.index import Index
 
-__all__ = ["ConfigError", "DicomReadError", "ImgindexError", "Index"]
+__all__ = [
+    "Cohort",
+    "CohortError",
+    "ConfigError",
+    "DicomReadError",
+    "EmrError",
+    "ImgindexError",
+    "Index",
+]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -25,4 +35,8 @@ def __getattr__(name: str) -> Any:
         from imgindex.index import Index
 
         return Index
+    if name == "Cohort":
+        from imgindex.cohort import Cohort
+
+        return Cohort
     raise AttributeError(f"module 'imgindex' has no attribute {name!r}")
