@@ -400,12 +400,10 @@ def _series(
         filters.append(image_day <= hi)
     filters.append(pl.col("PatientID").is_in(links["PatientID"].unique().implode()))
     filters.extend(_imaging_filters(cohort, columns))
-    wanted = [c for c in SERIES_COLUMNS if c in columns and c != "imaging_date"]
-    series = scan.filter(*filters).select(*wanted, image_day.alias("imaging_date")).collect()
-    for name in SERIES_COLUMNS:
-        if name not in series.columns:
-            dtype = pl.Int64 if name == "instance_count" else pl.String
-            series = series.with_columns(pl.lit(None, dtype=dtype).alias(name))
+    series = _complete(
+        src,
+        scan.filter(*filters).select(*_wanted(columns), image_day.alias("imaging_date")).collect(),
+    )
     day = (pl.col("imaging_date") - pl.col("entry_date")).dt.total_days()
     return (
         series.join(links, on="PatientID")
@@ -416,6 +414,34 @@ def _series(
         .sort(["SeriesInstanceUID", "entry_date", "person_id"])
         .unique("SeriesInstanceUID", keep="first", maintain_order=True)
     )
+
+
+def _wanted(columns: set[str]) -> list[str]:
+    return [c for c in SERIES_COLUMNS if c in columns and c != "imaging_date"]
+
+
+def _complete(src: _Sources, series: pl.DataFrame) -> pl.DataFrame:
+    """``series`` with every column of :data:`SERIES_COLUMNS`.
+
+    ``AccessionNumber`` is a study attribute: it comes from the ``studies`` table when the
+    ``series`` table does not carry it.
+    """
+    if "AccessionNumber" not in series.columns and src.has("index.studies"):
+        studies = src.scan("index.studies", "the selection's AccessionNumber")
+        if "AccessionNumber" in studies.collect_schema().names():
+            accessions = (
+                studies.filter(
+                    pl.col("StudyInstanceUID").is_in(series["StudyInstanceUID"].unique().implode())
+                )
+                .select("StudyInstanceUID", pl.col("AccessionNumber").cast(pl.String))
+                .collect()
+            )
+            series = series.join(accessions, on="StudyInstanceUID", how="left")
+    for name in SERIES_COLUMNS:
+        if name not in series.columns:
+            dtype = pl.Int64 if name == "instance_count" else pl.String
+            series = series.with_columns(pl.lit(None, dtype=dtype).alias(name))
+    return series
 
 
 class _Attrition:

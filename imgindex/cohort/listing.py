@@ -18,14 +18,15 @@ import yaml
 
 from imgindex.cohort.engine import (
     _ENTRY_KEY,
-    SERIES_COLUMNS,
     _apply_criteria,
     _Attrition,
+    _complete,
     _demographics,
     _finish,
     _imaging_date,
     _imaging_filters,
     _links,
+    _wanted,
     _window_filter,
 )
 from imgindex.errors import CohortError
@@ -103,16 +104,19 @@ def select_list(cohort: Cohort, src: _Sources, started: float) -> Selection:
 
     scan = src.scan("index.series", "a list cohort")
     columns = set(scan.collect_schema().names())
-    wanted = [c for c in SERIES_COLUMNS if c in columns and c != "imaging_date"]
-    named = (
-        scan.filter(pl.col(ident).is_in(rows[ident].unique().implode()))
-        .select(*wanted, _imaging_date(columns).alias("imaging_date"))
-        .collect()
+    wanted_ids = rows[ident].unique().implode()
+    if ident in columns:
+        by = pl.col(ident).is_in(wanted_ids)
+    else:  # AccessionNumber lives in the studies table
+        studies = src.scan("index.studies", "a list of AccessionNumbers")
+        uids = studies.filter(pl.col(ident).is_in(wanted_ids)).select("StudyInstanceUID")
+        by = pl.col("StudyInstanceUID").is_in(uids.collect().to_series().implode())
+    named = _complete(
+        src,
+        scan.filter(by)
+        .select(*_wanted(columns), _imaging_date(columns).alias("imaging_date"))
+        .collect(),
     )
-    for name in SERIES_COLUMNS:
-        if name not in named.columns:
-            dtype = pl.Int64 if name == "instance_count" else pl.String
-            named = named.with_columns(pl.lit(None, dtype=dtype).alias(name))
     study_day = pl.col("imaging_date").min().over("StudyInstanceUID")
     named = named.with_columns(study_day.alias("_study_date"))
     matched = rows.join(named, on=ident)
