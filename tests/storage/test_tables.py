@@ -154,6 +154,29 @@ def test_scan_and_compact_keep_the_rows(tmp_path: Path) -> None:
     assert table.to_arrow_dataset().count_rows() == len(before) == 6
 
 
+def test_optimize_sorts_into_row_groups_with_narrow_statistics(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    table = Table(tmp_path / "t", ["k"])
+    values = [(i * 7919) % 1000 for i in range(1000)]  # a permutation of 0..999
+    for start in range(0, 1000, 250):  # four appends in arrival order
+        chunk = values[start : start + 250]
+        table.upsert(pa.table({"k": [f"k{v}" for v in chunk], "v": chunk}))
+    before = contents(table)
+    version = table.optimize(["v"], row_group_rows=100)
+    assert version == table.version()
+    assert contents(table) == before
+    groups = []
+    for path in table.files():
+        meta = pq.ParquetFile(path).metadata
+        column = meta.schema.names.index("v")
+        for i in range(meta.num_row_groups):
+            stats = meta.row_group(i).column(column).statistics
+            groups.append((stats.min, stats.max))
+    assert len(groups) == 10
+    assert all(high - low == 99 for low, high in groups)
+
+
 # -- concurrent writers -------------------------------------------------------------------
 
 WRITES_PER_PROCESS = 12
