@@ -102,6 +102,14 @@ class CodeSet(_Model):
     source_codes: tuple[str, ...] = ()
     exclude: tuple[int, ...] = ()
 
+    @field_validator("source_codes", mode="before")
+    @classmethod
+    def _numbers_are_codes(cls, codes: Any) -> Any:
+        # CPT-4 codes such as 92928 read from YAML as integers.
+        if isinstance(codes, (list, tuple)):
+            return [str(c) if isinstance(c, int) and not isinstance(c, bool) else c for c in codes]
+        return codes
+
     @field_validator("source_codes")
     @classmethod
     def _codes(cls, codes: tuple[str, ...]) -> tuple[str, ...]:

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import textwrap
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import pytest
 
 from imgindex import Cohort
 from imgindex.cohort import CodeSet, Criterion, Entry, Imaging
 from imgindex.errors import CohortError
-
-if TYPE_CHECKING:
-    from pathlib import Path
 
 GOOD = """\
 name: mi-cad-ct
@@ -202,3 +199,16 @@ def test_structural_mistakes(tmp_path: Path, text: str, words: str) -> None:
     with pytest.raises(CohortError) as caught:
         Cohort.from_yaml(_write(tmp_path, text))
     assert words in str(caught.value)
+
+
+def test_the_example_cohorts_are_valid() -> None:
+    folder = Path(__file__).parents[2] / "cohorts"
+    files = sorted(folder.glob("*.yaml"))
+    assert len(files) >= 3
+    for path in files:
+        cohort = Cohort.from_yaml(path)
+        assert cohort.imaging.window is not None, path
+        for codeset in cohort.codesets.values():
+            assert isinstance(codeset, CodeSet)
+    mi = Cohort.from_yaml(folder / "mi_cad_ct.yaml")
+    assert "92928" in mi.codeset("coronary_procedure").source_codes
