@@ -178,14 +178,18 @@ def test_yaml_syntax_errors_have_a_line(tmp_path: Path) -> None:
         ("name: x\n", "(entry): required, but missing"),
         ("name: x\nentry: {domain: condition}\n", "needs a `domain` and a `codeset`"),
         (
-            "name: x\nentry: {list: l.csv}\ninclusion:\n"
-            "  - {name: a, domain: drug, codeset: {concepts: [1]}}\n"
-            "  - {name: a, domain: drug, codeset: {concepts: [2]}}\n",
+            (
+                "name: x\nentry: {list: l.csv}\ninclusion:\n"
+                "  - {name: a, domain: drug, codeset: {concepts: [1]}}\n"
+                "  - {name: a, domain: drug, codeset: {concepts: [2]}}\n"
+            ),
             "two criteria are named 'a'",
         ),
         (
-            "name: x\nentry: {list: l.csv}\nlabels:\n"
-            "  - {name: v, domain: drug, codeset: {concepts: [1]}, value: {min: 1}}\n",
+            (
+                "name: x\nentry: {list: l.csv}\nlabels:\n"
+                "  - {name: v, domain: drug, codeset: {concepts: [1]}, value: {min: 1}}\n"
+            ),
             "measurement domain only",
         ),
         (
