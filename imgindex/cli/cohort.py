@@ -5,11 +5,13 @@ and ``imgindex cohort check|from-list``: validate a cohort file, or write one fr
 
 from __future__ import annotations
 
+import datetime as dt
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow.parquet as pq
+from pydantic import ValidationError
 
 from imgindex.cli._common import add_root, settings_from
 from imgindex.cli.sql import write_result
@@ -20,7 +22,7 @@ if TYPE_CHECKING:
 
     import pyarrow as pa
 
-    from imgindex.cohort import Selection
+    from imgindex.cohort import Cohort, Selection
 
 
 def add_parser(sub: Any) -> None:
@@ -51,6 +53,18 @@ def add_parser(sub: Any) -> None:
         type=Path,
         metavar="SELECTION",
         help="read the table versions an earlier selection read (rebuild it exactly)",
+    )
+    parser.add_argument(
+        "--entry-from",
+        type=dt.date.fromisoformat,
+        metavar="YYYY-MM-DD",
+        help="replace the first day of the entry event's date range",
+    )
+    parser.add_argument(
+        "--entry-to",
+        type=dt.date.fromisoformat,
+        metavar="YYYY-MM-DD",
+        help="replace the last day of the entry event's date range",
     )
     parser.add_argument("--max-rows", type=int, default=10, help="series shown (default 10)")
     parser.set_defaults(run=run_select)
@@ -93,7 +107,7 @@ def run_select(args: argparse.Namespace) -> int:
     from imgindex.cohort.mi_cdm import image_occurrence
 
     settings = settings_from(args)
-    cohort = Cohort.from_yaml(args.cohort)
+    cohort = with_entry_dates(Cohort.from_yaml(args.cohort), args.entry_from, args.entry_to)
     versions = None
     if args.as_of is not None:
         _, info = read_selection(args.as_of)
@@ -121,6 +135,29 @@ def run_select(args: argparse.Namespace) -> int:
     for path in written:
         print(f"wrote {path}")
     return 0
+
+
+def with_entry_dates(cohort: Cohort, first: dt.date | None, last: dt.date | None) -> Cohort:
+    """``cohort`` with its entry date range's ends replaced where given (a new hash)."""
+    from imgindex.cohort import DateRange
+
+    if first is None and last is None:
+        return cohort
+    if cohort.entry.list is not None:
+        raise CohortError("--entry-from/--entry-to apply to EMR entry events, not to a list")
+    dates = cohort.entry.dates or DateRange()
+    try:
+        dates = DateRange.model_validate(
+            {
+                "from": first if first is not None else dates.from_,
+                "to": last if last is not None else dates.to,
+            }
+        )
+    except ValidationError as exc:
+        message = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+        raise CohortError(f"--entry-from/--entry-to: {message}") from None
+    changed = cohort.model_copy(update={"entry": cohort.entry.model_copy(update={"dates": dates})})
+    return changed.resolved()
 
 
 def print_attrition(selection: Selection) -> None:

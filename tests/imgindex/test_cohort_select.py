@@ -327,3 +327,17 @@ def test_selection_is_sorted_and_typed(root: Path, cohort_file: Path) -> None:
     assert frame.schema["days_from_index"] == pl.Int64
     assert frame["SeriesInstanceUID"].to_list() == ["1.1", "1.2", "2.2"]
     assert json.loads(json.dumps(selection.versions)) == selection.versions
+
+
+def test_entry_dates_can_be_replaced_from_the_command_line(
+    root: Path, cohort_file: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "late.parquet"
+    args = ["select", str(cohort_file), "--root", str(root), "--out", str(out)]
+    assert main([*args, "--entry-from", "2023-10-04"]) == 0
+    table, info = read_selection(out)
+    assert sorted(table.column("SeriesInstanceUID").to_pylist()) == ["2.2"]
+    assert info["cohort"]["entry"]["dates"] == {"from": "2023-10-04", "to": "2023-10-10"}
+    assert info["sha256"] != Cohort.from_yaml(cohort_file).sha256()
+    with pytest.raises(CohortError, match=r"`from` \(2023-10-24\) is after `to`"):
+        main(["--debug", *args, "--entry-from", "2023-10-24"])
