@@ -74,6 +74,17 @@ EXPECTED: dict[str, set[str]] = {
         "EmrError",
         "ImgindexError",
     },
+    "imgindex.emr": {
+        "CDM_TABLES",
+        "EMR_TABLES",
+        "EVENT_DATE_COLUMNS",
+        "TABLE_SPECS",
+        "Emr",
+        "EmrImportSummary",
+        "LinkReport",
+        "import_emr",
+        "link_report",
+    },
     "imgindex.cohort": {
         "CodeSet",
         "Cohort",

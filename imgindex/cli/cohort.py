@@ -76,7 +76,9 @@ def add_parser(sub: Any) -> None:
         "writes one whose entry is a list you already have (PatientID, AccessionNumber or "
         "StudyInstanceUID, with optional entry_date, from, to columns).",
     )
-    actions = cohort.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions = cohort.add_subparsers(
+        dest="action", required=True, metavar="ACTION", help="check | from-list"
+    )
     check = actions.add_parser("check", help="validate a cohort file")
     check.add_argument("cohort", type=Path)
     check.set_defaults(run=run_check)

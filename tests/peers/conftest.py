@@ -1,4 +1,5 @@
-"""Fixtures of the peer tests: private Orthanc servers on loopback (:mod:`peers.orthanc`)."""
+"""Fixtures of the peer tests: private Orthanc servers (:mod:`peers.orthanc`) and PostgreSQL
+servers (:mod:`peers.postgres`) on loopback."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from peers.orthanc import Orthanc, OrthancFactory, start_orthanc
+from peers.postgres import Postgres, start_postgres
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
@@ -48,3 +50,17 @@ def orthanc_factory(tmp_path: Path) -> Iterator[OrthancFactory]:
     finally:
         for server in reversed(started):
             server.stop()
+
+
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
+    """A PostgreSQL server for the test module, stopped after its last test.
+
+    A private cluster on a free port of 127.0.0.1, ``trust`` authentication on loopback only;
+    connect with :attr:`Postgres.url` (database ``imgindex``, superuser ``imgindex``).
+    """
+    server = start_postgres(tmp_path_factory.mktemp("postgres"))
+    try:
+        yield server
+    finally:
+        server.stop()
