@@ -326,7 +326,7 @@ def _criterion_counts(
 
 def _holds(crit: Criterion) -> pl.Expr:
     count = pl.col(f"{crit.name}_count")
-    expr = count >= crit.at_least
+    expr = count >= crit.fewest
     if crit.at_most is not None:
         expr &= count <= crit.at_most
     return expr
@@ -387,7 +387,7 @@ def _imaging_date(columns: set[str]) -> pl.Expr:
 def _series(
     src: _Sources, cohort: Cohort, entries: pl.DataFrame, links: pl.DataFrame
 ) -> pl.DataFrame:
-    """The series of ``entries``' persons that pass the imaging criteria, one row each."""
+    """The series of ``entries``' persons that pass the imaging criteria, per entry event."""
     window = cohort.imaging.window
     scan = src.scan("index.series", "the imaging criteria")
     columns = set(scan.collect_schema().names())
@@ -410,10 +410,14 @@ def _series(
         .join(entries, on="person_id")
         .with_columns(day.cast(pl.Int64).alias("days_from_index"))
         .filter(_window_filter(pl.col("days_from_index"), window))
-        # Each series once: for the earliest of its person's entry events that takes it.
-        .sort(["SeriesInstanceUID", "entry_date", "person_id"])
-        .unique("SeriesInstanceUID", keep="first", maintain_order=True)
     )
+
+
+def _once(candidates: pl.DataFrame) -> pl.DataFrame:
+    """Each series once: for the earliest of its person's entry events that takes it."""
+    return candidates.sort(
+        ["SeriesInstanceUID", "entry_date", "person_id"], nulls_last=True
+    ).unique("SeriesInstanceUID", keep="first", maintain_order=True)
 
 
 def _wanted(columns: set[str]) -> list[str]:
@@ -510,12 +514,13 @@ def select(
         .unique()
         .collect()
     )
-    attrition.add("linked to the index", entries.join(links, on="person_id", how="semi"))
-    series = _series(src, cohort, entries, links)
+    attrition.add("linked to a PatientID", entries.join(links, on="person_id", how="semi"))
+    candidates = _series(src, cohort, entries, links)
     attrition.add(
-        "with matching imaging", entries.join(series.select(_ENTRY_KEY), on=_ENTRY_KEY, how="semi")
+        "with matching imaging",
+        entries.join(candidates.select(_ENTRY_KEY), on=_ENTRY_KEY, how="semi"),
     )
-    return _finish(cohort, src, series, attrition, started)
+    return _finish(cohort, src, _once(candidates), attrition, started)
 
 
 def _finish(

@@ -26,6 +26,7 @@ from imgindex.cohort.engine import (
     _imaging_date,
     _imaging_filters,
     _links,
+    _once,
     _wanted,
     _window_filter,
 )
@@ -158,14 +159,11 @@ def select_list(cohort: Cohort, src: _Sources, started: float) -> Selection:
     for expr in _imaging_filters(cohort, columns):
         matched = matched.filter(expr)
     days = (pl.col("imaging_date") - pl.col("entry_date")).dt.total_days().cast(pl.Int64)
-    series = (
-        matched.with_columns(days.alias("days_from_index"))
-        .filter(_window_filter(pl.col("days_from_index"), cohort.imaging.window))
-        .sort(["SeriesInstanceUID", "entry_date", "person_id"], nulls_last=True)
-        .unique("SeriesInstanceUID", keep="first", maintain_order=True)
+    series = matched.with_columns(days.alias("days_from_index")).filter(
+        _window_filter(pl.col("days_from_index"), cohort.imaging.window)
     )
     attrition.add("with matching imaging", series.unique("list_row"), who="PatientID")
-    return _finish(cohort, src, series, attrition, started)
+    return _finish(cohort, src, _once(series), attrition, started)
 
 
 def write_list_cohort(

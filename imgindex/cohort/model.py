@@ -207,7 +207,7 @@ class Criterion(_Windowed):
     name: str
     domain: Domain
     codeset: CodeSetRef
-    at_least: Annotated[int, Field(ge=0)] = 1
+    at_least: Annotated[int, Field(ge=0)] | None = None
     at_most: Annotated[int, Field(ge=0)] | None = None
     value: ValueRange | None = None
 
@@ -220,10 +220,17 @@ class Criterion(_Windowed):
             )
         return name
 
+    @property
+    def fewest(self) -> int:
+        """Events needed: ``at_least``, else 1, or 0 when only ``at_most`` is given."""
+        if self.at_least is not None:
+            return self.at_least
+        return 0 if self.at_most is not None else 1
+
     @model_validator(mode="after")
     def _bounds(self) -> Self:
-        if self.at_most is not None and self.at_most < self.at_least:
-            raise ValueError(f"at_most ({self.at_most}) is below at_least ({self.at_least})")
+        if self.at_most is not None and self.at_most < self.fewest:
+            raise ValueError(f"at_most ({self.at_most}) is below at_least ({self.fewest})")
         if self.value is not None and self.domain != "measurement":
             raise ValueError("`value` applies to the measurement domain only")
         return self
@@ -386,12 +393,12 @@ class Cohort(_Model):
             table[name] = (
                 ref
                 if isinstance(ref, CodeSet)
-                else self._codeset_file(ref, source, lines.get(("codesets", name)))
+                else self._codeset_file(ref, source, lines, ("codesets", name))
             )
 
         def use(ref: str | CodeSet | None, where: tuple[str | int, ...]) -> None:
             if isinstance(ref, str) and ref not in table:
-                table[ref] = self._codeset_file(ref, source, lines.get(where))
+                table[ref] = self._codeset_file(ref, source, lines, where)
 
         use(self.entry.codeset, ("entry", "codeset"))
         for group in ("inclusion", "exclusion", "labels"):
@@ -402,8 +409,16 @@ class Cohort(_Model):
         cohort._source = self._source
         return cohort
 
-    def _codeset_file(self, name: str, source: str, line: int | None) -> CodeSet:
+    def _codeset_file(
+        self,
+        name: str,
+        source: str,
+        lines: Mapping[tuple[str | int, ...], int],
+        path_in_file: tuple[str | int, ...],
+    ) -> CodeSet:
+        line = lines.get(path_in_file)
         where = f"{source}, line {line}" if line else source
+        where += f" ({_format_path(path_in_file)})"
         if self._base_dir is None:
             raise CohortError(
                 f"{where}: code set {name!r} is not defined under `codesets:` (and a cohort "

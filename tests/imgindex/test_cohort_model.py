@@ -154,7 +154,10 @@ def test_mistakes_name_the_file_line_and_field(
 
 def test_an_undefined_code_set_names_the_missing_file(tmp_path: Path) -> None:
     path = _write(tmp_path, GOOD)  # no codesets/coronary.yaml here
-    with pytest.raises(CohortError, match=r"line 14: code set 'coronary' is not defined") as caught:
+    with pytest.raises(
+        CohortError,
+        match=r"line 14 \(inclusion\[0\]\.codeset\): code set 'coronary' is not defined",
+    ) as caught:
         Cohort.from_yaml(path)
     assert str(tmp_path / "codesets" / "coronary.yaml") in str(caught.value)
 
