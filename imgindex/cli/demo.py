@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import shutil
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imgindex.cli._common import add_root, is_terminal, settings_from
 from imgindex.cli.index_files import format_summary
 from imgindex.cli.sql import write_result
 from imgindex.crawl import index_files
+from imgindex.errors import ImgindexError
 from imgindex.index import Index
 
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Sequence
-    from pathlib import Path
 
     from imgindex.listener.send import SendSummary
     from imgindex.schema import Attribute
@@ -128,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f'\n4. an example query:\n   imgindex sql --root {root} "{EXAMPLE_QUERY}"')
     write_result(index.sql(EXAMPLE_QUERY), "table", 15)
+    selection = _emr_and_cohort(root, index)
     print(
         "\nWhere to go next (the command is .venv/bin/imgindex; `source .venv/bin/activate` "
         "puts it on PATH):\n"
@@ -136,6 +139,96 @@ def run(args: argparse.Namespace) -> int:
         f'  - what was refused: imgindex sql --root {root} "SELECT reason, location, message '
         'FROM rejects"\n'
         f"  - from Python:      imgindex.Index('{root}').series  (polars LazyFrames)\n"
+        f"  - your own EMR:     imgindex emr import /path/to/omop --root {root}  (docs/emr.md)\n"
+        f"  - a cohort:         imgindex select cohorts/stroke_mr_24h.yaml --root {root}"
+        "  (docs/cohorts.md)\n"
+        f"  - the selection:    {selection}\n"
         "  - the tables and columns: docs/index-tables.md"
     )
     return 0
+
+
+def _cohorts_folder() -> Path:
+    """The example cohorts: the checkout's cohorts/ (or the copy a wheel installs)."""
+    here = Path(__file__).resolve()
+    for candidate in (here.parents[2] / "cohorts", here.parents[1] / "_examples" / "cohorts"):
+        if (candidate / "mi_cad_ct.yaml").is_file():
+            return candidate
+    raise ImgindexError("the example cohorts (cohorts/mi_cad_ct.yaml) are not installed")
+
+
+def _emr_and_cohort(root: Path, index: Index) -> Path:
+    """Write a synthetic OMOP EMR for the demo's patients, import it, run the MI/CAD cohort."""
+    import polars as pl
+
+    from imgindex.cli.cohort import print_attrition, with_entry_dates
+    from imgindex.cohort import Cohort, select
+    from imgindex.emr import import_emr, link_report
+    from imgindex.testing import write_omop_csv
+    from imgindex.testing.omop_demo import emr_for_index
+
+    omop = root / "demo-omop"
+    series = index.series.select(
+        "PatientID", "PatientSex", "PatientBirthDate", "Modality", "imaging_date"
+    ).collect()
+    emr = emr_for_index(series)
+    write_omop_csv(emr.tables, omop)
+    print(
+        f"\n5. an EMR for these patients, in the OMOP CDM (synthetic: {emr.mi_persons} have a "
+        f"myocardial infarction before a CT, {emr.procedure_in_window} a coronary procedure "
+        f"7-14 days later), as CSV files under {omop}:\n"
+        f"   imgindex emr import {omop} --root {root}"
+    )
+    summary = import_emr(omop, root)
+    rows = ", ".join(f"{name} {n:,}" for name, n in summary.rows.items())
+    print(f"   imported {rows} in {summary.seconds:.1f} s")
+    print("   " + link_report(index, root).describe().replace("\n", "\n   "))
+
+    folder = _cohorts_folder()
+    path = folder / "mi_cad_ct.yaml"
+    dates = pl.DataFrame(series).get_column("imaging_date").drop_nulls()
+    first, last = dates.min(), dates.max()
+    assert isinstance(first, dt.date)
+    assert isinstance(last, dt.date)
+    first -= dt.timedelta(days=5)  # a diagnosis may precede the first image
+    out = root / "selections" / "mi_cad_ct.parquet"
+    shown = _relative(path)
+    print(
+        "\n6. the example cohort: MI, a coronary procedure 7 to 14 days later, their CT from "
+        "the 30 days after the diagnosis.\n"
+        "   Its diagnosis dates (2023-10-01..10) are widened to the demo's years:\n"
+        f"   imgindex select {shown} --root {root} --entry-from {first} --entry-to {last} "
+        f"--out {out}"
+    )
+    cohort = with_entry_dates(Cohort.from_yaml(path), first, last)
+    selection = select(cohort, root)
+    selection.write(out)
+    print("   " + _indented(print_attrition, selection))
+    preview = selection.table.select(
+        [
+            "PatientID",
+            "SeriesDescription",
+            "entry_date",
+            "days_from_index",
+            "coronary_procedure_days",
+        ]
+    )
+    write_result(preview, "table", 8)
+    return out
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _indented(show: Any, *args: Any) -> str:
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        show(*args)
+    return buffer.getvalue().rstrip("\n").replace("\n", "\n   ")

@@ -8,6 +8,8 @@ seed: the same seed gives byte-identical files.
   multi-frame and Secondary Capture instances) and encoding helpers.
 * :mod:`imgindex.testing.hospital`: a PACS-export-like tree of a chosen size.
 * :mod:`imgindex.testing.malformed`: deliberately bad files.
+* :mod:`imgindex.testing.omop`: a synthetic OMOP CDM EMR and the index series that link to
+  it, with reference answers to the cohort benchmark's question.
 """
 
 from imgindex.testing.factory import (
@@ -36,19 +38,35 @@ from imgindex.testing.factory import (
 )
 from imgindex.testing.hospital import HospitalSummary, write_ct_series, write_hospital
 from imgindex.testing.malformed import MALFORMED_KINDS, write_malformed_files
+from imgindex.testing.omop import (
+    MI_CAD_CT,
+    CohortQuestion,
+    World,
+    generate_world,
+    reference_duckdb,
+    reference_polars,
+    write_omop_csv,
+    write_omop_tables,
+    write_series_index,
+    write_world,
+)
 
 __all__ = [
     "COMPRESSED_TRANSFER_SYNTAXES",
     "MALFORMED_KINDS",
+    "MI_CAD_CT",
     "PRIVATE_CREATOR",
     "PRIVATE_GROUP",
     "SUPPORTED_TRANSFER_SYNTAXES",
+    "CohortQuestion",
     "HospitalSummary",
     "Patient",
     "SeriesPlan",
     "Study",
     "StudyPlan",
+    "World",
     "dataset_to_bytes",
+    "generate_world",
     "iter_planned_series",
     "iter_series",
     "make_multiframe",
@@ -60,9 +78,15 @@ __all__ = [
     "make_study_info",
     "plan_patient_studies",
     "plan_study",
+    "reference_duckdb",
+    "reference_polars",
     "write_and_read_dataset",
     "write_ct_series",
     "write_dataset",
     "write_hospital",
     "write_malformed_files",
+    "write_omop_csv",
+    "write_omop_tables",
+    "write_series_index",
+    "write_world",
 ]

@@ -148,6 +148,17 @@ def test_demo_runs_in_a_fresh_root(tmp_path: Path) -> None:
         "AND source = 'IMGINDEX_SCU'"
     )
     assert rows.column("n").to_pylist() == [int(match.group(1))]
+    # The synthetic EMR was imported and the example cohort ran end to end.
+    from imgindex.cohort import read_selection
+
+    assert "index patients link to an EMR person" in proc.stdout
+    assert "inclusion: coronary_procedure" in proc.stdout
+    selected = re.search(r"(\d+) series of (\d+) patients selected", proc.stdout)
+    assert selected, proc.stdout
+    table, info = read_selection(root / "selections" / "mi_cad_ct.parquet")
+    assert table.num_rows == int(selected.group(1))
+    assert info["cohort"]["name"] == "mi-cad-ct"
+    assert set(table.column("Modality").to_pylist()) <= {"CT"}
 
 
 @pytest.mark.peers
