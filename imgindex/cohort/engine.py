@@ -245,8 +245,32 @@ def _entries(src: _Sources, cohort: Cohort) -> pl.DataFrame:
         in_range &= pl.col("entry_date") >= lo
     if hi is not None:
         in_range &= pl.col("entry_date") <= hi
-    if entry.occurrence == "first":
-        events = _events(src, cohort, entry.domain, entry.codeset, why=why)
+    if entry.occurrence == "first" and lo is not None:
+        # The first event ever, inside the range: an event in the range (a date-pruned scan)
+        # and none before it. The second scan reads only the candidates' rows before the
+        # code set's string matching runs, which on the whole table costs most of the query.
+        events = _events(src, cohort, entry.domain, entry.codeset, lo=lo, hi=hi, why=why)
+        candidates = (
+            events.group_by("person_id")
+            .agg(pl.col("event_date").min().alias("entry_date"))
+            .collect()
+        )
+        spec = DOMAINS[entry.domain]
+        earlier = (
+            src.scan(f"emr.{spec.table}", why)
+            .filter(
+                pl.col(spec.date) < lo,
+                pl.col("person_id").is_in(candidates["person_id"].implode()),
+            )
+            .select("person_id", spec.concept, spec.source)
+            .collect()
+            .filter(_codeset_filter(src, cohort.codeset(entry.codeset), entry.domain))
+        )
+        plan = candidates.lazy().join(
+            earlier.lazy().select(pl.col("person_id").cast(pl.Int64)), on="person_id", how="anti"
+        )
+    elif entry.occurrence == "first":
+        events = _events(src, cohort, entry.domain, entry.codeset, hi=hi, why=why)
         plan = (
             events.group_by("person_id")
             .agg(pl.col("event_date").min().alias("entry_date"))
