@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from deltalake import CommitProperties, DeltaTable, write_deltalake
+from deltalake import CommitProperties, DeltaTable, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError
 from deltalake.exceptions import TableNotFoundError as _DeltaTableNotFoundError
 
@@ -157,9 +157,23 @@ class Table:
 
         return self._with_retries(commit)
 
-    def overwrite(self, data: pa.Table, *, metadata: Mapping[str, str] | None = None) -> int:
-        """Replace the table's rows (and schema) with ``data`` in one commit."""
+    def overwrite(
+        self,
+        data: pa.Table | pa.RecordBatchReader,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        row_group_rows: int | None = None,
+    ) -> int:
+        """Replace the table's rows (and schema) with ``data`` in one commit.
+
+        ``row_group_rows`` caps the rows of each Parquet row group (delta-rs writes groups of
+        about a million otherwise): rows written in a sorted order then carry narrow min/max
+        statistics that readers skip row groups by. A ``RecordBatchReader`` is written as it
+        streams (and cannot be retried after a conflict).
+        """
         props = CommitProperties(custom_metadata=dict(metadata or {}))
+        writer = WriterProperties(max_row_group_size=row_group_rows)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
 
         def commit() -> int:
             write_deltalake(
@@ -167,6 +181,7 @@ class Table:
                 data,
                 mode="overwrite",
                 schema_mode="overwrite",
+                writer_properties=writer,
                 commit_properties=props,
             )
             return self._open().version()
@@ -225,8 +240,6 @@ class Table:
         int
             The table version after the rewrite.
         """
-        from deltalake import WriterProperties
-
         props = WriterProperties(max_row_group_size=row_group_rows)
 
         def commit() -> int:

@@ -22,7 +22,7 @@ import polars as pl
 from imgindex.emr.conform import Conformed, conform_table
 from imgindex.emr.omop import CDM_TABLES, CROSSWALK, TABLE_SPECS, V53_RENAMED, V54_ADDED
 from imgindex.emr.sources import CDM_SOURCE, open_source, read_crosswalk_file
-from imgindex.emr.tables import Emr
+from imgindex.emr.tables import ROW_GROUP_ROWS, Emr
 from imgindex.errors import EmrError
 
 if TYPE_CHECKING:
@@ -191,7 +191,9 @@ def import_emr(
             META_READ_FROM: read_from[name],
             META_IMPORTED_AT: imported_at,
         }
-        versions[name] = emr.table(name).overwrite(_arrow(frame, spec), metadata=metadata)
+        versions[name] = emr.table(name).overwrite(
+            _arrow(frame, spec), metadata=metadata, row_group_rows=ROW_GROUP_ROWS
+        )
         rows[name] = frame.height
         _say(
             progress,

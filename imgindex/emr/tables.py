@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import polars as pl
-from deltalake import CommitProperties, WriterProperties, write_deltalake
 
 from imgindex.emr.omop import CDM_TABLES, CROSSWALK, TABLE_SPECS
 from imgindex.errors import EmrError
@@ -14,9 +13,6 @@ from storage import Table
 
 if TYPE_CHECKING:
     import os
-    from collections.abc import Mapping
-
-    import pyarrow as pa
 
     from imgindex.emr.omop import TableSpec
 
@@ -37,49 +33,6 @@ def spec_of(name: str) -> TableSpec:
         return TABLE_SPECS[name]
     except KeyError:
         raise EmrError(f"no EMR table {name!r}; the tables are {', '.join(EMR_TABLES)}") from None
-
-
-class EmrTable(Table):
-    """A :class:`storage.Table` whose :meth:`overwrite` writes row groups of a set size."""
-
-    def overwrite(
-        self,
-        data: pa.Table,
-        *,
-        metadata: Mapping[str, str] | None = None,
-        max_row_group_size: int = ROW_GROUP_ROWS,
-    ) -> int:
-        """Replace the table's rows (and schema) with ``data`` in one commit.
-
-        Parameters
-        ----------
-        data : pyarrow.Table
-            The rows, in the order they are to be stored.
-        metadata : mapping, optional
-            Custom commit metadata (str to str), kept in the table history.
-        max_row_group_size : int
-            Rows per Parquet row group (delta-rs writes one group of ~1 M rows otherwise).
-
-        Returns
-        -------
-        int
-            The table version after the commit.
-        """
-        props = CommitProperties(custom_metadata=dict(metadata or {}))
-        writer = WriterProperties(max_row_group_size=max_row_group_size)
-
-        def commit() -> int:
-            write_deltalake(
-                str(self.path),
-                data,
-                mode="overwrite",
-                schema_mode="overwrite",
-                writer_properties=writer,
-                commit_properties=props,
-            )
-            return self._open().version()
-
-        return self._with_retries(commit)
 
 
 class Emr:
@@ -110,7 +63,7 @@ class Emr:
     def __repr__(self) -> str:
         return f"Emr({str(self.root)!r})"
 
-    def table(self, name: str) -> EmrTable:
+    def table(self, name: str) -> Table:
         """The storage table of ``name`` (one of :data:`EMR_TABLES`).
 
         Raises
@@ -118,7 +71,7 @@ class Emr:
         EmrError
             If ``name`` is not an EMR table.
         """
-        return EmrTable(self.path / name, spec_of(name).key)
+        return Table(self.path / name, spec_of(name).key)
 
     def has(self, name: str) -> bool:
         """Whether table ``name`` has been imported."""

@@ -47,6 +47,7 @@ from pydicom.uid import PYDICOM_ROOT_UID
 
 from imgindex.index import Index
 from imgindex.schema import DEFAULT_ATTRIBUTES
+from storage import Table
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping, Sequence
@@ -1503,21 +1504,6 @@ def _series_table(
 # -- writing ----------------------------------------------------------------------------------
 
 
-def _write_delta(path: Path, table: pa.Table | pa.RecordBatchReader, row_group_rows: int) -> None:
-    # storage.Table.overwrite takes no writer properties, and the contract wants row groups
-    # of about ROW_GROUP_ROWS rows (so readers can skip them by their date statistics).
-    from deltalake import WriterProperties, write_deltalake
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_deltalake(
-        str(path),
-        table,
-        mode="overwrite",
-        schema_mode="overwrite",
-        writer_properties=WriterProperties(max_row_group_size=row_group_rows),
-    )
-
-
 def _sorted(name: str, table: pa.Table) -> pa.Table:
     """``table`` in the contract's order (date then person_id, or the key)."""
     keys = [OMOP_DATE_COLUMNS[name], "person_id"] if name in OMOP_DATE_COLUMNS else OMOP_KEYS[name]
@@ -1537,8 +1523,7 @@ def write_omop_tables(
 ) -> dict[str, Path]:
     """Write EMR tables as Delta tables at ``ROOT/emr/<name>``, in the contract's order.
 
-    Tables are written with :func:`deltalake.write_deltalake` directly rather than
-    :meth:`storage.Table.overwrite`, which cannot set the Parquet row group size.
+    Row groups of ``row_group_rows`` rows, as ``imgindex emr import`` writes them.
 
     Parameters
     ----------
@@ -1564,7 +1549,7 @@ def write_omop_tables(
         if name not in OMOP_SCHEMAS:
             raise ValueError(f"{name!r} is not an OMOP table; expected one of {OMOP_TABLES}")
         path = Path(root) / "emr" / name
-        _write_delta(path, _sorted(name, table), row_group_rows)
+        Table(path, OMOP_KEYS[name]).overwrite(_sorted(name, table), row_group_rows=row_group_rows)
         out[name] = path
     return out
 
@@ -1616,7 +1601,9 @@ def write_series_index(
             yield from part.combine_chunks().to_batches()
 
     path = Path(root) / "tables" / "series"
-    _write_delta(path, pa.RecordBatchReader.from_batches(series.schema, batches()), row_group_rows)
+    Table(path, ["SeriesInstanceUID"]).overwrite(
+        pa.RecordBatchReader.from_batches(series.schema, batches()), row_group_rows=row_group_rows
+    )
     return path
 
 
