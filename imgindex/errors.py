@@ -6,7 +6,9 @@
     ├── ConfigError (ImgindexError, ValueError)     a setting or flag is wrong
     ├── DicomReadError (ImgindexError, ValueError)  a file cannot be indexed; ``reason`` says why
     ├── EmrError (ImgindexError, ValueError)        EMR data cannot be imported or read
-    └── CohortError (ImgindexError, ValueError)     a cohort definition is wrong
+    ├── CohortError (ImgindexError, ValueError)     a cohort definition is wrong
+    └── VolumeError (ImgindexError, ValueError)     a series is not one decodable volume
+                                                    (imgindex.export.volume; ``reason``)
 """
 
 from __future__ import annotations

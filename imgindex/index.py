@@ -24,6 +24,7 @@ from imgindex.schema import (
     CRAWL_STATE_SCHEMA,
     DEFAULT_ATTRIBUTES,
     REJECT_SCHEMA,
+    TRANSFER_SCHEMA,
     Attribute,
     instance_schema,
 )
@@ -38,13 +39,14 @@ __all__ = ["TABLE_NAMES", "Index", "IndexWriter"]
 logger = logging.getLogger(__name__)
 
 #: Tables an index holds, in the order people meet them.
-TABLE_NAMES = ("instances", "series", "studies", "rejects", "crawl_state")
+TABLE_NAMES = ("instances", "series", "studies", "rejects", "crawl_state", "transfers")
 _KEYS = {
     "instances": ("SOPInstanceUID",),
     "series": ("SeriesInstanceUID",),
     "studies": ("StudyInstanceUID",),
     "rejects": ("reject_id",),
     "crawl_state": ("source", "kind", "key"),
+    "transfers": ("export", "SeriesInstanceUID"),
 }
 _DERIVED_FROM = "imgindex.instances_version"
 
@@ -160,6 +162,8 @@ class Index:
             return REJECT_SCHEMA.empty_table()
         if name == "crawl_state":
             return CRAWL_STATE_SCHEMA.empty_table()
+        if name == "transfers":
+            return TRANSFER_SCHEMA.empty_table()
         inst = instance_schema(self.attributes).empty_table()
         if name == "instances":
             return inst
@@ -190,6 +194,11 @@ class Index:
     def crawl_state(self) -> pl.LazyFrame:
         """What crawls of DICOMweb servers and change feeds have done, per study and series."""
         return self.scan("crawl_state")
+
+    @property
+    def transfers(self) -> pl.LazyFrame:
+        """The export ledger: one row per series per export store, with its outcome."""
+        return self.scan("transfers")
 
     def versions(self) -> dict[str, int | None]:
         """Current version of each table (None for a table not yet written)."""

@@ -32,6 +32,7 @@ __all__ = [
     "CRAWL_STATE_SCHEMA",
     "DEFAULT_ATTRIBUTES",
     "REJECT_SCHEMA",
+    "TRANSFER_SCHEMA",
     "UID_KEYWORDS",
     "Attribute",
     "Level",
@@ -277,5 +278,30 @@ CRAWL_STATE_SCHEMA = pa.schema(
         pa.field("last_seq", pa.int64()),
         pa.field("error", pa.string()),
         pa.field("updated_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
+#: Schema of ``transfers``, the export ledger: one row per (``export``, ``SeriesInstanceUID``),
+#: ``export`` being the export store's absolute path. ``outcome`` is ``complete`` (the
+#: instances expected from the index, fetched and written agree, and every array is in
+#: place), ``failed`` (``reason`` and ``message`` say why) or ``skipped`` (nothing to
+#: export, e.g. no pixel data). ``arrays`` are the keys written in the store.
+TRANSFER_SCHEMA = pa.schema(
+    [
+        pa.field("export", pa.string()),
+        pa.field("SeriesInstanceUID", pa.string()),
+        pa.field("outcome", pa.string()),
+        pa.field("reason", pa.string()),
+        pa.field("message", pa.string()),
+        pa.field("arrays", pa.list_(pa.string())),
+        pa.field("expected_instances", pa.int64()),
+        pa.field("fetched_instances", pa.int64()),
+        pa.field("written_instances", pa.int64()),
+        pa.field("bytes_in", pa.int64()),
+        pa.field("bytes_out", pa.int64()),
+        pa.field("seconds", pa.float64()),
+        pa.field("attempts", pa.int64()),
+        pa.field("finished_at", pa.timestamp("us", tz="UTC")),
     ]
 )

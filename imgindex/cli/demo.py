@@ -131,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
     print(f'\n4. an example query:\n   imgindex sql --root {root} "{EXAMPLE_QUERY}"')
     write_result(index.sql(EXAMPLE_QUERY), "table", 15)
     selection = _emr_and_cohort(root, index)
+    exported = _export(selection, root, progress)
     print(
         "\nWhere to go next (the command is .venv/bin/imgindex; `source .venv/bin/activate` "
         "puts it on PATH):\n"
@@ -143,9 +144,37 @@ def run(args: argparse.Namespace) -> int:
         f"  - a cohort:         imgindex select cohorts/stroke_mr_24h.yaml --root {root}"
         "  (docs/cohorts.md)\n"
         f"  - the selection:    {selection}\n"
+        f"  - the arrays:       {exported}  (docs/export.md)\n"
         "  - the tables and columns: docs/index-tables.md"
     )
     return 0
+
+
+def _export(selection: Path, root: Path, progress: bool) -> Path:
+    """Export the example cohort's series to Zarr, and say how to open them."""
+    from imgindex.cli.export import _Bar, format_summary
+    from imgindex.export import export
+
+    out = root / "exports" / "mi_cad_ct.zarr"
+    print(
+        "\n7. the cohort's series, de-identified, as one Zarr array per series:\n"
+        f"   imgindex export {selection} --root {root} --out {out}"
+    )
+    bar = _Bar(progress)
+    try:
+        summary = export(selection, root, out, on_progress=bar)
+    finally:
+        bar.close()
+    print("   " + format_summary(summary).replace("\n", "\n   "))
+    print(
+        "   open it in Python with no imgindex code:\n"
+        "     import zarr, polars as pl\n"
+        f'     manifest = pl.read_parquet("{out / "manifest.parquet"}")\n'
+        f'     volume = zarr.open_group("{out}", mode="r")[manifest["key"][0]][:]'
+    )
+    if not summary.ok:
+        raise ImgindexError("the demo's export did not complete; see the list above")
+    return out
 
 
 def _cohorts_folder() -> Path:

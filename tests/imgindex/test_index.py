@@ -239,6 +239,7 @@ def test_versions_and_derived_from(tmp_path: Path, rows: list[dict[str, Any]]) -
         "studies": 0,
         "rejects": None,
         "crawl_state": None,
+        "transfers": None,
     }
     writer.write(rows[3:], [])
     versions = index.versions()
@@ -271,6 +272,7 @@ def test_rejects_are_upserted(tmp_path: Path, malformed: dict[str, Path]) -> Non
         "studies": None,
         "rejects": 1,
         "crawl_state": None,
+        "transfers": None,
     }
     table = index.sql("SELECT level, reason FROM rejects ORDER BY reason")
     assert table.to_pylist() == [

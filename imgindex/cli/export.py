@@ -1,0 +1,264 @@
+"""``imgindex export SELECTION --root ROOT --out EXPORT.zarr``: selected series to Zarr."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from imgindex.cli._common import add_root, is_terminal, settings_from
+from imgindex.errors import ConfigError
+
+if TYPE_CHECKING:
+    from imgindex.export.run import ExportSummary
+    from storage import Progress
+
+#: Failures listed in the summary; the rest are in the transfers table.
+_SHOWN = 20
+
+
+def add_parser(sub: Any) -> None:
+    """Register the subcommand."""
+    parser = sub.add_parser(
+        "export",
+        help="export selected series to a Zarr store (one array per series, de-identified)",
+        description="Fetch every instance of the selected series from where the index says it "
+        "is (a file, or a DICOMweb server asked for the stored transfer syntax), decode it "
+        "losslessly, assemble each series into a volume ordered along the slice normal, and "
+        "write one Zarr v3 array per series with its geometry, plus manifest.parquet. "
+        "Attributes pass through de-identification: IDs and UIDs become keyed pseudonyms. "
+        "Every series is recorded in the transfers table (expected, fetched and written "
+        "instances); a series is complete only when the three agree, and a rerun of the same "
+        "command resumes. Exit status 0 when every series is complete, 2 when some failed.",
+    )
+    parser.add_argument(
+        "selection",
+        metavar="SELECTION",
+        help="a selection from `imgindex select` (.parquet), or a .parquet/.csv file with a "
+        "SeriesInstanceUID column, or a text file with one SeriesInstanceUID per line",
+    )
+    add_root(parser)
+    parser.add_argument("--out", required=True, metavar="EXPORT.zarr", help="the Zarr store")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="decode-and-write processes (default: one per CPU)",
+    )
+    parser.add_argument(
+        "--fetch-threads",
+        type=int,
+        default=4,
+        metavar="N",
+        help="fetch threads, and requests to a DICOMweb server at once (default 4)",
+    )
+    parser.add_argument(
+        "--max-inflight-mb",
+        type=int,
+        default=1024,
+        metavar="M",
+        help="megabytes of series in memory at once, fetched and decoded (default 1024); a "
+        "series larger than this is exported alone",
+    )
+    parser.add_argument(
+        "--chunks",
+        type=_chunks,
+        default=None,
+        metavar="z,y,x",
+        help="inner chunk shape (default: one slice, 1,ROWS,COLUMNS); shards group chunks "
+        "into files of up to 256 MiB",
+    )
+    parser.add_argument(
+        "--compressor",
+        choices=("blosc-zstd", "zstd", "none"),
+        default="blosc-zstd",
+        help="chunk compression (default blosc-zstd: lossless, fast to read)",
+    )
+    parser.add_argument(
+        "--split-stacks",
+        action="store_true",
+        help="write a series that is not one volume (mixed sizes or orientations) as one "
+        "array per consistent stack, instead of failing it",
+    )
+    parser.add_argument(
+        "--scheduler",
+        metavar="tcp://HOST:PORT",
+        default=None,
+        help="run each series as a task on this Dask distributed scheduler",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="P",
+        help="serve Prometheus metrics (imgindex_export_*) on 127.0.0.1:P/metrics",
+    )
+    auth = parser.add_mutually_exclusive_group()
+    auth.add_argument(
+        "--auth",
+        default=None,
+        help="DICOMweb credentials: user:password, bearer:TOKEN or header:NAME:VALUE "
+        "(visible to other users in the process list: prefer --auth-file or IMGINDEX_AUTH)",
+    )
+    auth.add_argument(
+        "--auth-file",
+        default=None,
+        metavar="FILE",
+        help="read the credentials, in --auth syntax, from the first line of FILE",
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (it shows on a terminal)"
+    )
+    parser.set_defaults(run=run)
+
+
+def _chunks(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"chunks are integers like 1,512,512, not {text!r}"
+        ) from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"chunks must be positive integers, not {text!r}")
+    return values
+
+
+def _auth_text(args: argparse.Namespace) -> str | None:
+    import os
+
+    if args.auth_file:
+        try:
+            lines = Path(args.auth_file).read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise ConfigError(f"--auth-file: {exc}") from None
+        if not lines or not lines[0].strip():
+            raise ConfigError(f"--auth-file {args.auth_file}: the first line is empty")
+        return lines[0].strip()
+    text = args.auth or os.environ.get("IMGINDEX_AUTH")
+    return text or None
+
+
+class _Bar:
+    """A progress bar over DICOM bytes: series done of total, MB/s now and on average, ETA,
+    failures."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar: Any = None
+        self.last = 0.0
+
+    def __call__(self, progress: Progress) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(
+                total=progress.total or 0,
+                unit=" series",
+                desc="export",
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
+        self.bar.n = progress.done + progress.failed
+        self.bar.set_postfix_str(
+            f"{progress.rate_now / 1e6:,.0f} MB/s now, {progress.rate_avg / 1e6:,.0f} avg, "
+            f"ETA {_eta(progress.eta_s)}, {progress.failed} failed",
+            refresh=False,
+        )
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    return time.strftime("%H:%M:%S", time.gmtime(max(0.0, seconds)))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``imgindex export``."""
+    from imgindex._metrics import ServedMetrics
+    from imgindex.export.fetch import FetchOptions
+    from imgindex.export.run import export
+
+    settings = settings_from(args)
+    if args.fetch_threads < 1:
+        raise ConfigError(f"--fetch-threads must be at least 1, not {args.fetch_threads}")
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, not {args.workers}")
+    served = ServedMetrics()
+    if args.metrics_port is not None:
+        port = served.serve(args.metrics_port)
+        print(f"imgindex export: metrics on http://127.0.0.1:{port}/metrics", file=sys.stderr)
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        print(
+            f"imgindex export: {signal.Signals(signum).name}, finishing the series in flight "
+            "(again to abort; a rerun resumes)",
+            file=sys.stderr,
+        )
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    bar = _Bar(is_terminal() and not args.no_progress)
+    try:
+        summary = export(
+            args.selection,
+            settings.root,
+            args.out,
+            workers=args.workers,
+            fetch_threads=args.fetch_threads,
+            max_inflight_mb=args.max_inflight_mb,
+            chunks=args.chunks,
+            compressor=args.compressor,
+            split_stacks=args.split_stacks,
+            scheduler=args.scheduler,
+            fetch=FetchOptions(auth=_auth_text(args), concurrency=args.fetch_threads),
+            registry=served.registry,
+            on_progress=bar,
+            stop=stop,
+        )
+    finally:
+        bar.close()
+        served.close()
+    print(format_summary(summary))
+    if summary.cancelled:
+        return 130
+    return 0 if summary.ok else 2
+
+
+def format_summary(summary: ExportSummary) -> str:
+    """The summary, failures capped at a screenful, and how to open the store."""
+    text = summary.describe()
+    lines = text.splitlines()
+    if len(summary.failures) > _SHOWN:
+        head = [line for line in lines if not line.startswith("  ")]
+        shown = [line for line in lines if line.startswith("  ")][:_SHOWN]
+        lines = [
+            *head,
+            *shown,
+            (
+                f"  ... and {len(summary.failures) - _SHOWN} more: imgindex sql --root ROOT "
+                "\"SELECT * FROM transfers WHERE outcome <> 'complete'\""
+            ),
+        ]
+    if summary.arrays:
+        lines.append(
+            f'open it: zarr.open_group("{summary.out}", mode="r"); the arrays are listed in '
+            f"{summary.out / 'manifest.parquet'}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,238 @@
+"""What an export moves: the selected series, each with its instances from the index.
+
+A selection is a Parquet file written by ``imgindex select`` (its labels and provenance travel
+with the arrays), or any Parquet or CSV file with a ``SeriesInstanceUID`` column, or a text
+file with one SeriesInstanceUID per line.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import polars as pl
+import pyarrow.parquet as pq
+
+from imgindex.errors import ConfigError
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from imgindex.index import Index
+
+__all__ = ["Instance", "SelectionFile", "SeriesJob", "plan_series", "read_selection_file"]
+
+#: Columns of a selection that are not labels (the series' identity and where it comes from).
+_NOT_LABELS: Final = frozenset(
+    {
+        "person_id",
+        "PatientID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "AccessionNumber",
+        "Modality",
+        "BodyPartExamined",
+        "SeriesDescription",
+        "instance_count",
+        "imaging_date",
+        "cohort_sha256",
+    }
+)
+#: Series attributes of the index that travel to the array (through de-identification).
+_SERIES_ATTRIBUTES: Final = ("Modality", "BodyPartExamined", "SeriesDescription")
+#: Bytes a decoded pixel takes, per instance, when the index does not know the image size.
+_FALLBACK_DECODED_RATIO: Final = 3
+
+
+@dataclass(frozen=True)
+class SelectionFile:
+    """A selection's rows (one per series, first row wins) and what made it."""
+
+    path: Path
+    series: list[str]
+    rows: dict[str, dict[str, Any]]
+    label_columns: list[str]
+    cohort_sha256: str | None
+    versions: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One instance to fetch: where the index says it is, and its size there."""
+
+    sop_instance_uid: str
+    location: str
+    size_bytes: int
+    transfer_syntax: str | None
+
+
+@dataclass(frozen=True)
+class SeriesJob:
+    """One series to export."""
+
+    series_uid: str
+    study_uid: str | None
+    patient_id: str | None
+    instances: tuple[Instance, ...]
+    #: The selection's row (labels and person_id), before de-identification.
+    labels: dict[str, Any] = field(default_factory=dict)
+    #: Series attributes from the index, before de-identification.
+    attributes: dict[str, Any] = field(default_factory=dict)
+    #: Decoded bytes estimated from Rows x Columns x frames x samples x bits.
+    decoded_bytes: int = 0
+
+    @property
+    def size_bytes(self) -> int:
+        """DICOM bytes in (what the index says the instances weigh)."""
+        return sum(i.size_bytes for i in self.instances)
+
+    @property
+    def memory_bytes(self) -> int:
+        """What converting the series holds in memory at most: the fetched bytes, the decoded
+        frames and the assembled volume."""
+        return self.size_bytes + 2 * max(self.decoded_bytes, self.size_bytes)
+
+
+def read_selection_file(path: str | Path) -> SelectionFile:
+    """Read a selection (see the module docstring).
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing, unreadable or has no SeriesInstanceUID.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such selection file")
+    cohort_sha: str | None = None
+    versions: dict[str, Any] = {}
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            table = pq.read_table(path)
+            meta = table.schema.metadata or {}
+            if b"imgindex.cohort_sha256" in meta:
+                cohort_sha = meta[b"imgindex.cohort_sha256"].decode()
+            if b"imgindex.versions" in meta:
+                versions = json.loads(meta[b"imgindex.versions"])
+            frame = pl.from_arrow(table)
+            assert isinstance(frame, pl.DataFrame)
+        elif suffix in (".csv", ".tsv"):
+            frame = pl.read_csv(
+                path, separator="\t" if suffix == ".tsv" else ",", infer_schema=False
+            )
+        else:
+            uids = [
+                line.strip()
+                for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and not line.lstrip().startswith("#")
+            ]
+            frame = pl.DataFrame(
+                {"SeriesInstanceUID": uids}, schema={"SeriesInstanceUID": pl.String}
+            )
+    except (OSError, ValueError, pl.exceptions.PolarsError) as exc:
+        raise ConfigError(f"{path}: cannot read the selection: {exc}") from exc
+    if "SeriesInstanceUID" not in frame.columns:
+        raise ConfigError(
+            f"{path}: a selection needs a SeriesInstanceUID column (has {', '.join(frame.columns)}); "
+            "write one with: imgindex select COHORT --root ROOT --out SELECTION.parquet"
+        )
+    frame = frame.filter(pl.col("SeriesInstanceUID").is_not_null()).unique(
+        "SeriesInstanceUID", keep="first", maintain_order=True
+    )
+    if "cohort_sha256" in frame.columns and cohort_sha is None:
+        shas = frame.get_column("cohort_sha256").drop_nulls().unique().to_list()
+        cohort_sha = str(shas[0]) if len(shas) == 1 else None
+    labels = [c for c in frame.columns if c not in _NOT_LABELS]
+    rows = {
+        str(row["SeriesInstanceUID"]): row
+        for row in frame.select(
+            "SeriesInstanceUID", *[c for c in ("person_id", *labels) if c in frame.columns]
+        ).iter_rows(named=True)
+    }
+    return SelectionFile(
+        path=path,
+        series=list(rows),
+        rows=rows,
+        label_columns=labels,
+        cohort_sha256=cohort_sha,
+        versions=versions,
+    )
+
+
+def plan_series(index: Index, selection: SelectionFile) -> tuple[list[SeriesJob], list[str]]:
+    """The selection's series as jobs (selection order), and the UIDs the index lacks."""
+    wanted = pl.Series("SeriesInstanceUID", selection.series, dtype=pl.String)
+    instances = index.instances
+    names = set(instances.collect_schema().names())
+    size_columns = [
+        c
+        for c in ("Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated")
+        if c in names
+    ]
+    attributes = [c for c in _SERIES_ATTRIBUTES if c in names]
+    frame = (
+        instances.filter(pl.col("SeriesInstanceUID").is_in(wanted.implode()))
+        .select(
+            "SeriesInstanceUID",
+            "StudyInstanceUID",
+            "PatientID",
+            "SOPInstanceUID",
+            "location",
+            "size_bytes",
+            "TransferSyntaxUID",
+            *size_columns,
+            *attributes,
+            *(["InstanceNumber"] if "InstanceNumber" in names else []),
+        )
+        .collect()
+    )
+    by_series: dict[str, list[dict[str, Any]]] = {}
+    for row in frame.iter_rows(named=True):
+        by_series.setdefault(row["SeriesInstanceUID"], []).append(row)
+    jobs: list[SeriesJob] = []
+    missing: list[str] = []
+    for uid in selection.series:
+        rows = by_series.get(uid)
+        if not rows:
+            missing.append(uid)
+            continue
+        rows.sort(key=lambda r: (r.get("InstanceNumber") is None, r.get("InstanceNumber") or 0))
+        first = rows[0]
+        jobs.append(
+            SeriesJob(
+                series_uid=uid,
+                study_uid=first["StudyInstanceUID"],
+                patient_id=first["PatientID"],
+                instances=tuple(
+                    Instance(
+                        r["SOPInstanceUID"],
+                        r["location"] or "",
+                        int(r["size_bytes"] or 0),
+                        r["TransferSyntaxUID"],
+                    )
+                    for r in rows
+                ),
+                labels=dict(selection.rows.get(uid, {})),
+                attributes={a: first[a] for a in attributes},
+                decoded_bytes=sum(_decoded_bytes(r) for r in rows),
+            )
+        )
+    return jobs, missing
+
+
+def _decoded_bytes(row: dict[str, Any]) -> int:
+    rows, columns = row.get("Rows"), row.get("Columns")
+    if not rows or not columns:
+        return _FALLBACK_DECODED_RATIO * int(row.get("size_bytes") or 0)
+    frames = row.get("NumberOfFrames") or 1
+    samples = row.get("SamplesPerPixel") or 1
+    bits = row.get("BitsAllocated") or 16
+    return int(rows * columns * frames * samples * max(1, bits // 8))
+
+
+def total_bytes(jobs: Sequence[SeriesJob]) -> int:
+    """DICOM bytes in of ``jobs``."""
+    return sum(j.size_bytes for j in jobs)

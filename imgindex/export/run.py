@@ -1,0 +1,447 @@
+"""``imgindex export``: the selected series into one Zarr v3 store, complete or loudly not.
+
+The work, per series, on :mod:`storage.transfer`:
+
+1. **plan**: the selection's series and their instances from the index; series the
+   ``transfers`` ledger records as complete for this store (and whose arrays are in place)
+   are skipped, so a killed export rerun with the same arguments resumes.
+2. **fetch** (threads): from where the index says each instance is
+   (:mod:`imgindex.export.fetch`).
+3. **convert** (processes): decode, assemble, de-identify, write
+   (:mod:`imgindex.export.convert`).
+4. **ledger** (this thread): one ``transfers`` row per series, committed every few seconds.
+
+At the end ``manifest.parquet`` lists every array of the store with its shape, dtype, bytes
+and the selection's labels, and the summary lists every series that is not complete.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from imgindex.deid import Deidentifier
+from imgindex.errors import ConfigError
+from imgindex.export.convert import EXPORT_FORMAT, Converted, ConvertOptions, convert_series
+from imgindex.export.fetch import FetchOptions, close_clients, fetch_series, is_transient
+from imgindex.export.plan import SeriesJob, plan_series, read_selection_file
+from imgindex.index import Index
+from imgindex.schema import TRANSFER_SCHEMA
+from storage import ArrayStore, Pipeline, Retry, Stage, TransferMetrics, Work, run_on_dask
+
+if TYPE_CHECKING:
+    import threading
+    from collections.abc import Callable, Sequence
+
+    from prometheus_client import CollectorRegistry
+
+    from storage import Outcome, Progress
+
+__all__ = ["ExportSummary", "export", "read_manifest"]
+
+logger = logging.getLogger(__name__)
+
+MANIFEST: Final = "manifest.parquet"
+_LEDGER_EVERY_S: Final = 2.0
+_LEDGER_EVERY_ROWS: Final = 256
+
+
+@dataclass
+class ExportSummary:
+    """What an export did.
+
+    Attributes
+    ----------
+    out : Path
+        The Zarr store.
+    selected : int
+        Series in the selection.
+    complete, failed, skipped : int
+        Series by outcome in this run (``skipped``: nothing to export, e.g. no pixel data).
+    already : int
+        Series complete in an earlier run, not exported again.
+    failures : list of Converted
+        Every series not complete in this run (failed or skipped), with the reason.
+    arrays : int
+        Arrays in the store (the manifest's rows).
+    bytes_in, bytes_out : int
+        DICOM bytes fetched, and bytes written to the store, in this run.
+    seconds : float
+        Wall time of this run.
+    """
+
+    out: Path
+    selected: int = 0
+    complete: int = 0
+    failed: int = 0
+    skipped: int = 0
+    already: int = 0
+    failures: list[Converted] = field(default_factory=list)
+    arrays: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    seconds: float = 0.0
+    cancelled: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """Every selected series is complete (now or earlier) or had nothing to export."""
+        return self.failed == 0 and not self.cancelled
+
+    @property
+    def mb_per_s(self) -> float:
+        """DICOM megabytes (10^6) in per second."""
+        return self.bytes_in / 1e6 / self.seconds if self.seconds else 0.0
+
+    def describe(self) -> str:
+        """The summary as people read it; every failure is listed."""
+        lines = [
+            (
+                f"{self.selected} series selected: {self.complete} exported now, "
+                f"{self.already} already complete, {self.failed} failed, {self.skipped} skipped"
+            ),
+            (
+                f"{self.bytes_in / 1e6:,.1f} MB of DICOM in, {self.bytes_out / 1e6:,.1f} MB "
+                f"written, in {self.seconds:.1f} s ({self.mb_per_s:,.1f} MB/s, "
+                f"{self.mb_per_s * 86_400 / 1e6:.2f} TB/day)"
+            ),
+            f"{self.arrays} arrays in {self.out}",
+        ]
+        if self.cancelled:
+            lines.append("stopped before the end: run the same command again to resume")
+        if self.failures:
+            lines.append("not exported:")
+            lines.extend(
+                f"  {f.series_uid}: {f.outcome} ({f.reason}) {f.message or ''} "
+                f"[expected {f.expected}, fetched {f.fetched}, written {f.written}]"
+                for f in self.failures
+            )
+        return "\n".join(lines)
+
+
+def _ledger(root: Path) -> Any:
+    return Index(root).table("transfers")
+
+
+def _done_before(root: Path, out: str, store: ArrayStore) -> set[str]:
+    """Series this store holds complete from an earlier run (ledger and arrays agree)."""
+    table = _ledger(root)
+    if not table.exists:
+        return set()
+    rows = (
+        table.scan()
+        .filter((pl.col("export") == out) & (pl.col("outcome") == "complete"))
+        .select("SeriesInstanceUID", "arrays")
+        .collect()
+    )
+    present = set(store.keys())
+    return {
+        row["SeriesInstanceUID"]
+        for row in rows.iter_rows(named=True)
+        if row["arrays"] and all(key in present for key in row["arrays"])
+    }
+
+
+class _LedgerWriter:
+    """Buffers ``transfers`` rows and commits them every few seconds (and at the end)."""
+
+    def __init__(self, root: Path, out: str) -> None:
+        self.table = _ledger(root)
+        self.out = out
+        self.rows: list[dict[str, Any]] = []
+        self.last = time.monotonic()
+
+    def add(self, converted: Converted, *, seconds: float, attempts: int) -> None:
+        self.rows.append(
+            {
+                "export": self.out,
+                "SeriesInstanceUID": converted.series_uid,
+                "outcome": converted.outcome,
+                "reason": converted.reason,
+                "message": converted.message,
+                "arrays": converted.arrays,
+                "expected_instances": converted.expected,
+                "fetched_instances": converted.fetched,
+                "written_instances": converted.written,
+                "bytes_in": converted.bytes_in,
+                "bytes_out": converted.bytes_out,
+                "seconds": seconds,
+                "attempts": attempts,
+                "finished_at": dt.datetime.now(dt.UTC),
+            }
+        )
+        if len(self.rows) >= _LEDGER_EVERY_ROWS or time.monotonic() - self.last > _LEDGER_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            self.table.upsert(pa.Table.from_pylist(self.rows, schema=TRANSFER_SCHEMA))
+            self.rows = []
+        self.last = time.monotonic()
+
+
+def _converted_of(outcome: Outcome) -> Converted:
+    if outcome.ok:
+        value = outcome.value
+        assert isinstance(value, Converted)
+        return value
+    job = outcome.payload
+    assert isinstance(job, SeriesJob)
+    error = outcome.error
+    reason = f"{outcome.stage}_error"
+    if outcome.stage == "fetch" and error is not None and is_transient(error):
+        reason = "fetch_failed"
+    return Converted(
+        job.series_uid,
+        outcome="failed",
+        reason=reason,
+        message=f"{type(error).__name__}: {error}",
+        expected=len(job.instances),
+    )
+
+
+def export(
+    selection: str | Path,
+    root: str | Path,
+    out: str | Path,
+    *,
+    workers: int | None = None,
+    fetch_threads: int = 4,
+    max_inflight_mb: int = 1024,
+    chunks: Sequence[int] | None = None,
+    compressor: str = "blosc-zstd",
+    split_stacks: bool = False,
+    scheduler: str | None = None,
+    fetch: FetchOptions | None = None,
+    deid: Deidentifier | None = None,
+    registry: CollectorRegistry | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    stop: threading.Event | None = None,
+    progress_interval_s: float = 0.5,
+) -> ExportSummary:
+    """Export the series of ``selection`` (see the module docstring and docs/export.md).
+
+    Parameters
+    ----------
+    selection : str or Path
+        A selection file (:func:`imgindex.export.plan.read_selection_file`).
+    root : str or Path
+        The catalog root (index tables, ledger, de-identification key).
+    out : str or Path
+        The Zarr store to write (made if missing; a rerun resumes it).
+    workers : int, optional
+        Convert processes (default: the CPU count).
+    fetch_threads : int
+        Fetch threads (and requests to a DICOMweb server at once).
+    max_inflight_mb : int
+        Megabytes (2^20) of series held in memory at once, fetched bytes and decoded pixels.
+    chunks : sequence of int, optional
+        Inner chunk shape (default: one slice).
+    compressor : str
+        One of :data:`storage.COMPRESSORS`.
+    split_stacks : bool
+        Write a series that is not one volume (mixed sizes or orientations) as one array per
+        consistent stack instead of failing it.
+    scheduler : str, optional
+        A Dask distributed scheduler address (``tcp://HOST:PORT``): each series is one task.
+    fetch : FetchOptions, optional
+        DICOMweb credentials and timeouts.
+    deid : Deidentifier, optional
+        The pseudonym key (default: the catalog's own, :meth:`Deidentifier.for_root`).
+    registry : prometheus_client.CollectorRegistry, optional
+        Where the transfer metrics go (``imgindex_export_*``).
+    on_progress : callable, optional
+        Called with :class:`storage.Progress` snapshots, from this thread.
+    stop : threading.Event, optional
+        Set it (e.g. from a signal handler) to finish the series in flight and stop; the
+        summary then says ``cancelled`` and a rerun resumes.
+    progress_interval_s : float
+        Seconds between two calls of ``on_progress``.
+
+    Raises
+    ------
+    ConfigError
+        For a selection that cannot be read, or bad options.
+    """
+    began = time.perf_counter()
+    root, out_path = Path(root), Path(out).resolve()
+    if max_inflight_mb < 1:
+        raise ConfigError(f"--max-inflight-mb must be at least 1, not {max_inflight_mb}")
+    workers = workers or os.cpu_count() or 1
+    if workers < 1 or fetch_threads < 1:
+        raise ConfigError("--workers and fetch threads must be at least 1")
+    selection_file = read_selection_file(selection)
+    index = Index(root)
+    instances_version = index.table("instances").version()
+    deid = deid or Deidentifier.for_root(root)
+    jobs, not_in_index = plan_series(index, selection_file)
+    group_attributes = deid.attributes(
+        {
+            "export_format": EXPORT_FORMAT,
+            "cohort_sha256": selection_file.cohort_sha256,
+            "index_version": instances_version,
+        }
+    )
+    store = ArrayStore(out_path, attributes=group_attributes)
+    if removed := store.clean_partial():
+        logger.info("removed %d partial arrays of an earlier run", removed)
+    out_key = str(out_path)
+    done = _done_before(root, out_key, store)
+    todo = [job for job in jobs if job.series_uid not in done]
+    summary = ExportSummary(out=out_path, selected=len(selection_file.series), already=len(done))
+    ledger = _LedgerWriter(root, out_key)
+    for uid in not_in_index:
+        missing = Converted(
+            uid,
+            outcome="failed",
+            reason="not_in_index",
+            message="the index has no instance of this series (index it, or check the selection)",
+        )
+        ledger.add(missing, seconds=0.0, attempts=0)
+        summary.failures.append(missing)
+        summary.failed += 1
+    convert_options = ConvertOptions(
+        store=str(out_path),
+        deid_key=deid.key,
+        compressor=compressor,
+        chunks=tuple(chunks) if chunks else None,
+        split=split_stacks,
+        cohort_sha256=selection_file.cohort_sha256,
+        index_version=instances_version,
+    )
+    fetch_options = fetch or FetchOptions(concurrency=fetch_threads)
+    stages = [
+        Stage(
+            "fetch",
+            functools.partial(fetch_series, options=fetch_options),
+            workers=fetch_threads,
+            retry=Retry(attempts=3, transient=is_transient),
+        ),
+        Stage(
+            "convert",
+            functools.partial(convert_series, options=convert_options),
+            workers=workers,
+            processes=True,
+        ),
+    ]
+
+    def on_outcome(outcome: Outcome) -> None:
+        if stop is not None and stop.is_set():
+            pipeline.cancel()
+        converted = _converted_of(outcome)
+        ledger.add(
+            converted,
+            seconds=sum(outcome.seconds.values()),
+            attempts=max(outcome.attempts.values(), default=0),
+        )
+        summary.bytes_in += converted.bytes_in
+        summary.bytes_out += converted.bytes_out
+        if converted.outcome == "complete":
+            summary.complete += 1
+        else:
+            summary.failures.append(converted)
+            if converted.outcome == "skipped":
+                summary.skipped += 1
+            else:
+                summary.failed += 1
+
+    work = (Work(job.series_uid, job.memory_bytes, job) for job in todo)
+    metrics = TransferMetrics("imgindex_export", registry)
+    budget = max_inflight_mb * 2**20
+    total_bytes = sum(job.memory_bytes for job in todo)
+    pipeline = Pipeline(stages, max_inflight_bytes=budget, metrics=metrics)
+
+    def progress(snapshot: Progress) -> None:
+        if stop is not None and stop.is_set():
+            pipeline.cancel()
+        if on_progress is not None:
+            on_progress(snapshot)
+
+    try:
+        if scheduler:
+            run = run_on_dask(
+                stages,
+                work,
+                scheduler=scheduler,
+                max_inflight_bytes=budget,
+                total=len(todo),
+                total_bytes=total_bytes,
+                metrics=metrics,
+                on_outcome=on_outcome,
+                on_progress=on_progress,
+            )
+        else:
+            run = pipeline.run(
+                work,
+                total=len(todo),
+                total_bytes=total_bytes,
+                on_outcome=on_outcome,
+                on_progress=progress,
+                progress_interval_s=progress_interval_s,
+            )
+        summary.cancelled = run.cancelled
+    finally:
+        ledger.flush()
+        close_clients()
+    summary.arrays = write_manifest(store, deid)
+    summary.seconds = time.perf_counter() - began
+    return summary
+
+
+def write_manifest(store: ArrayStore, deid: Deidentifier) -> int:
+    """Write ``manifest.parquet``: one row per array of ``store``; returns the rows."""
+    rows: list[dict[str, Any]] = []
+    keys = store.keys()
+    for key in keys:
+        meta = json.loads((store.root / key / "zarr.json").read_text(encoding="utf-8"))
+        shape = [int(n) for n in meta["shape"]]
+        dtype = str(meta["data_type"])
+        attributes = meta.get("attributes", {})
+        row = {
+            "key": key,
+            "shape": shape,
+            "dtype": dtype,
+            "nbytes": _nbytes(shape, dtype),
+            "stored_bytes": _stored_bytes(store.root / key),
+        }
+        row.update(deid.attributes(attributes))
+        for name in ("RescaleSlope", "RescaleIntercept"):
+            # Per-slice values (a list) stay in the array's attributes; the column is scalar.
+            if isinstance(row.get(name), list):
+                row[name] = None
+                row["rescale_per_slice"] = True
+        rows.append(row)
+    table = pa.Table.from_pylist(rows) if rows else pa.table({"key": pa.array([], pa.string())})
+    staged = store.root / f".{MANIFEST}.{os.getpid()}"
+    pq.write_table(table, staged)
+    os.replace(staged, store.root / MANIFEST)
+    return len(rows)
+
+
+def read_manifest(out: str | Path) -> pl.DataFrame:
+    """An export's ``manifest.parquet``."""
+    return pl.read_parquet(Path(out) / MANIFEST)
+
+
+def _nbytes(shape: Sequence[int], dtype: str) -> int:
+    import numpy as np
+
+    count = 1
+    for n in shape:
+        count *= n
+    return count * np.dtype(dtype).itemsize
+
+
+def _stored_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
