@@ -149,16 +149,22 @@ class Deidentifier:
         """A UID for ``value`` under the ``2.25`` root (PS3.5 B.2): ``2.25.<128-bit int>``."""
         return "2.25." + str(int.from_bytes(self._digest("uid", value)[:16], "big"))
 
-    def attributes(self, attributes: Mapping[str, Any]) -> dict[str, Any]:
+    def attributes(
+        self, attributes: Mapping[str, Any], *, pseudonymized: bool = False
+    ) -> dict[str, Any]:
         """What of ``attributes`` may leave: safe ones as they are, identifiers pseudonymized,
-        numeric labels kept; everything else dropped."""
+        numeric labels kept; everything else dropped.
+
+        With ``pseudonymized=True`` the identifiers are taken to be pseudonyms already (the
+        attributes of an exported array, passed on to the manifest) and kept as they are.
+        """
         out: dict[str, Any] = {}
         for name, value in attributes.items():
             if name in SAFE_ATTRIBUTES:
                 out[name] = value
             elif name in PSEUDONYMIZED:
-                if value is None:
-                    out[name] = None
+                if value is None or pseudonymized:
+                    out[name] = value
                 elif PSEUDONYMIZED[name] == "uid":
                     out[name] = self.uid(str(value))
                 else:

@@ -166,12 +166,6 @@ def _export(selection: Path, root: Path, progress: bool) -> Path:
     finally:
         bar.close()
     print("   " + format_summary(summary).replace("\n", "\n   "))
-    print(
-        "   open it in Python with no imgindex code:\n"
-        "     import zarr, polars as pl\n"
-        f'     manifest = pl.read_parquet("{out / "manifest.parquet"}")\n'
-        f'     volume = zarr.open_group("{out}", mode="r")[manifest["key"][0]][:]'
-    )
     if not summary.ok:
         raise ImgindexError("the demo's export did not complete; see the list above")
     return out

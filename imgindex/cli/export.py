@@ -257,8 +257,10 @@ def format_summary(summary: ExportSummary) -> str:
             ),
         ]
     if summary.arrays:
-        lines.append(
-            f'open it: zarr.open_group("{summary.out}", mode="r"); the arrays are listed in '
-            f"{summary.out / 'manifest.parquet'}"
-        )
+        lines += [
+            "open it in Python, with no imgindex code (docs/export.md):",
+            "  import zarr, polars as pl",
+            f'  manifest = pl.read_parquet("{summary.out / "manifest.parquet"}")',
+            f'  volume = zarr.open_array("{summary.out}/" + manifest["key"][0], mode="r")[...]',
+        ]
     return "\n".join(lines)

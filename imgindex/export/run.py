@@ -415,7 +415,7 @@ def write_manifest(store: ArrayStore, deid: Deidentifier) -> int:
             "nbytes": _nbytes(shape, dtype),
             "stored_bytes": _stored_bytes(store.root / key),
         }
-        row.update(deid.attributes(attributes))
+        row.update(deid.attributes(attributes, pseudonymized=True))
         for name in ("RescaleSlope", "RescaleIntercept"):
             # Per-slice values (a list) stay in the array's attributes; the column is scalar.
             if isinstance(row.get(name), list):

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from imgindex.cli import build_parser, main
@@ -159,6 +160,13 @@ def test_demo_runs_in_a_fresh_root(tmp_path: Path) -> None:
     assert table.num_rows == int(selected.group(1))
     assert info["cohort"]["name"] == "mi-cad-ct"
     assert set(table.column("Modality").to_pylist()) <= {"CT"}
+    # ... and its series were exported, every one complete, with how to open them.
+    assert "7. the cohort's series, de-identified" in proc.stdout
+    assert f"{table.num_rows} exported now" in proc.stdout
+    assert "0 failed" in proc.stdout
+    manifest = pq.read_table(root / "exports" / "mi_cad_ct.zarr" / "manifest.parquet")
+    assert manifest.num_rows == table.num_rows
+    assert "zarr.open_array(" in proc.stdout
 
 
 @pytest.mark.peers

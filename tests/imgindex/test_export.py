@@ -113,6 +113,9 @@ def test_manifest_lists_every_array(exported: tuple[Path, Path, list[WrittenSeri
     for row in manifest.iter_rows(named=True):
         array = group[row["key"]]
         assert isinstance(array, zarr.Array)
+        # The manifest repeats the array's attributes (pseudonyms included) exactly.
+        for name, value in array.attrs.items():
+            assert row[name] == value, name
         assert list(array.shape) == row["shape"]
         assert str(array.dtype) == row["dtype"]
         assert row["nbytes"] == array.nbytes
@@ -413,3 +416,21 @@ def test_cli_rejects_a_selection_without_series_uids(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1
     assert "SeriesInstanceUID column" in proc.stderr
+
+
+def test_metrics_count_every_series(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry
+
+    dicom = tmp_path / "dicom"
+    written = [write_series(dicom, make_series(300 + i, "CT", 4, 32, 32)) for i in range(3)]
+    root = tmp_path / "root"
+    index_folder(dicom, root)
+    selection = write_selection(tmp_path / "sel.txt", [s.uid for s in written])
+    registry = CollectorRegistry()
+    summary = export(selection, root, tmp_path / "o.zarr", workers=1, registry=registry)
+    assert summary.ok, summary.describe()
+    sample = registry.get_sample_value
+    assert sample("imgindex_export_items_total", {"outcome": "ok"}) == 3
+    assert sample("imgindex_export_stage_seconds_count", {"stage": "convert"}) == 3
+    assert sample("imgindex_export_inflight_bytes") == 0
+    assert sample("imgindex_export_bytes_total", {"outcome": "ok"}) > 0
