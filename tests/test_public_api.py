@@ -144,7 +144,7 @@ EXPECTED: dict[str, set[str]] = {
     },
     "imgindex.index": {"TABLE_NAMES", "Index", "IndexWriter"},
     "imgindex.deid": {"PSEUDONYMIZED", "SAFE_ATTRIBUTES", "Deidentifier"},
-    "imgindex.export": {"ExportSummary", "array_key", "export", "read_manifest"},
+    "imgindex.export": {"ExportProgress", "ExportSummary", "array_key", "export", "read_manifest"},
     "imgindex.export.volume": {
         "ORIENTATION_TOLERANCE",
         "REASONS",

@@ -14,8 +14,7 @@ from imgindex.cli._common import add_root, is_terminal, settings_from
 from imgindex.errors import ConfigError
 
 if TYPE_CHECKING:
-    from imgindex.export.run import ExportSummary
-    from storage import Progress
+    from imgindex.export.run import ExportProgress, ExportSummary
 
 #: Failures listed in the summary; the rest are in the transfers table.
 _SHOWN = 20
@@ -153,7 +152,7 @@ class _Bar:
         self.bar: Any = None
         self.last = 0.0
 
-    def __call__(self, progress: Progress) -> None:
+    def __call__(self, progress: ExportProgress) -> None:
         if not self.enabled:
             return
         from tqdm import tqdm
@@ -166,6 +165,7 @@ class _Bar:
                 file=sys.stderr,
                 dynamic_ncols=True,
             )
+        self.bar.total = progress.total
         self.bar.n = progress.done + progress.failed
         self.bar.set_postfix_str(
             f"{progress.rate_now / 1e6:,.0f} MB/s now, {progress.rate_avg / 1e6:,.0f} avg, "

@@ -4,6 +4,6 @@
 """
 
 from imgindex.export.convert import array_key
-from imgindex.export.run import ExportSummary, export, read_manifest
+from imgindex.export.run import ExportProgress, ExportSummary, export, read_manifest
 
-__all__ = ["ExportSummary", "array_key", "export", "read_manifest"]
+__all__ = ["ExportProgress", "ExportSummary", "array_key", "export", "read_manifest"]

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
 
     from storage import Outcome, Progress
 
-__all__ = ["ExportSummary", "export", "read_manifest"]
+__all__ = ["ExportProgress", "ExportSummary", "export", "read_manifest"]
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,66 @@ class ExportSummary:
                 for f in self.failures
             )
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ExportProgress:
+    """A progress snapshot in the units people watch: series, and DICOM bytes in.
+
+    ``rate_now`` is over the last :data:`RATE_WINDOW_S` seconds; the ETA is the DICOM bytes
+    left at the average rate.
+    """
+
+    done: int
+    failed: int
+    total: int
+    bytes_in: int
+    bytes_total: int
+    rate_now: float
+    rate_avg: float
+    eta_s: float | None
+    elapsed_s: float
+    inflight_bytes: int
+
+
+#: Seconds over which ``ExportProgress.rate_now`` is measured.
+RATE_WINDOW_S: Final = 10.0
+
+
+class _Rates:
+    """DICOM bytes in over time, for the current and average rate."""
+
+    def __init__(self, total: int, bytes_total: int) -> None:
+        self.began = time.monotonic()
+        self.samples: deque[tuple[float, int]] = deque([(self.began, 0)])
+        self.total, self.bytes_total = total, bytes_total
+
+    def snapshot(self, summary: ExportSummary, engine: Progress) -> ExportProgress:
+        now = time.monotonic()
+        done = summary.bytes_in
+        self.samples.append((now, done))
+        while len(self.samples) > 2 and now - self.samples[1][0] > RATE_WINDOW_S:
+            self.samples.popleft()
+        first_t, first_b = self.samples[0]
+        elapsed = now - self.began
+        rate_avg = done / elapsed if elapsed > 0 else 0.0
+        left = max(0, self.bytes_total - done)
+        return ExportProgress(
+            done=summary.complete + summary.skipped,
+            failed=summary.failed,
+            total=self.total,
+            bytes_in=done,
+            bytes_total=self.bytes_total,
+            rate_now=(done - first_b) / (now - first_t) if now > first_t else 0.0,
+            rate_avg=rate_avg,
+            eta_s=left / rate_avg if rate_avg > 0 else None,
+            elapsed_s=elapsed,
+            inflight_bytes=engine.inflight_bytes,
+        )
+
+
+class _Stopped(Exception):
+    """Raised from a callback of a Dask run to stop it (``stop`` was set)."""
 
 
 def _ledger(root: Path) -> Any:
@@ -226,7 +287,7 @@ def export(
     fetch: FetchOptions | None = None,
     deid: Deidentifier | None = None,
     registry: CollectorRegistry | None = None,
-    on_progress: Callable[[Progress], None] | None = None,
+    on_progress: Callable[[ExportProgress], None] | None = None,
     stop: threading.Event | None = None,
     progress_interval_s: float = 0.5,
 ) -> ExportSummary:
@@ -262,7 +323,7 @@ def export(
     registry : prometheus_client.CollectorRegistry, optional
         Where the transfer metrics go (``imgindex_export_*``).
     on_progress : callable, optional
-        Called with :class:`storage.Progress` snapshots, from this thread.
+        Called with :class:`ExportProgress` snapshots, from this thread.
     stop : threading.Event, optional
         Set it (e.g. from a signal handler) to finish the series in flight and stop; the
         summary then says ``cancelled`` and a rerun resumes.
@@ -337,8 +398,6 @@ def export(
     ]
 
     def on_outcome(outcome: Outcome) -> None:
-        if stop is not None and stop.is_set():
-            pipeline.cancel()
         converted = _converted_of(outcome)
         ledger.add(
             converted,
@@ -355,6 +414,13 @@ def export(
                 summary.skipped += 1
             else:
                 summary.failed += 1
+        _check_stop()
+
+    def _check_stop() -> None:
+        if stop is not None and stop.is_set():
+            if scheduler:
+                raise _Stopped  # run_on_dask cancels its tasks when a callback raises
+            pipeline.cancel()
 
     work = (Work(job.series_uid, job.memory_bytes, job) for job in todo)
     metrics = TransferMetrics("imgindex_export", registry)
@@ -362,11 +428,12 @@ def export(
     total_bytes = sum(job.memory_bytes for job in todo)
     pipeline = Pipeline(stages, max_inflight_bytes=budget, metrics=metrics)
 
+    rates = _Rates(len(todo), sum(job.size_bytes for job in todo))
+
     def progress(snapshot: Progress) -> None:
-        if stop is not None and stop.is_set():
-            pipeline.cancel()
+        _check_stop()
         if on_progress is not None:
-            on_progress(snapshot)
+            on_progress(rates.snapshot(summary, snapshot))
 
     try:
         if scheduler:
@@ -379,7 +446,8 @@ def export(
                 total_bytes=total_bytes,
                 metrics=metrics,
                 on_outcome=on_outcome,
-                on_progress=on_progress,
+                on_progress=progress,
+                progress_interval_s=progress_interval_s,
             )
         else:
             run = pipeline.run(
@@ -391,6 +459,8 @@ def export(
                 progress_interval_s=progress_interval_s,
             )
         summary.cancelled = run.cancelled
+    except _Stopped:
+        summary.cancelled = True
     finally:
         ledger.flush()
         close_clients()

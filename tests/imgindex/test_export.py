@@ -29,7 +29,7 @@ from _export_helpers import (
 from pydicom.uid import JPEG2000Lossless
 
 from imgindex.deid import Deidentifier
-from imgindex.export import array_key, export, read_manifest
+from imgindex.export import ExportProgress, array_key, export, read_manifest
 from imgindex.index import Index
 from imgindex.testing import make_series
 
@@ -262,12 +262,11 @@ def test_a_stopped_export_resumes_where_it_stopped(
     root, selection, written = many
     out = tmp_path / "o.zarr"
     stop = threading.Event()
-    seen: list[int] = []
+    seen: list[ExportProgress] = []
 
-    def stop_after_four(progress: object) -> None:
-        done = int(getattr(progress, "done", 0))
-        seen.append(done)
-        if done >= 4:
+    def stop_after_four(progress: ExportProgress) -> None:
+        seen.append(progress)
+        if progress.done >= 4:
             stop.set()
 
     first = export(
@@ -282,6 +281,12 @@ def test_a_stopped_export_resumes_where_it_stopped(
     )
     assert first.cancelled
     assert 4 <= first.complete < len(written)
+    # Progress is in series and DICOM bytes in, as the summary counts them.
+    dicom_bytes = sum(f.stat().st_size for s in written for f in s.files)
+    assert {p.total for p in seen} == {len(written)}
+    assert {p.bytes_total for p in seen} == {dicom_bytes}
+    assert seen[-1].bytes_in == first.bytes_in
+    assert [p.done for p in seen] == sorted(p.done for p in seen)
     second = export(selection, root, out, workers=2)
     assert second.ok, second.describe()
     assert second.already == first.complete
