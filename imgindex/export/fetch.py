@@ -1,7 +1,8 @@
 """Fetch a series' instances from where the index says they are, as stored.
 
-* ``file://`` locations (the listener's store, indexed folders) are checked here and read by
-  the convert worker itself, so their bytes cross no process boundary.
+* ``file://`` locations (the listener's store, indexed folders) are checked here, and the
+  kernel is asked to read them ahead (``posix_fadvise(WILLNEED)``); the convert worker reads
+  them itself, so their bytes cross no process boundary.
 * ``http(s)://.../studies/S/series/X/instances/I`` locations (crawled DICOMweb servers,
   Orthanc included) are fetched with one WADO-RS retrieve of the series asking for
   ``transfer-syntax=*`` (as stored: the server never transcodes); instances the answer lacks
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
@@ -114,7 +116,7 @@ def fetch_series(job: SeriesJob, options: FetchOptions) -> Fetched:
         scheme = urlsplit(inst.location).scheme.lower()
         if scheme == "file":
             path = _file_path(inst.location)
-            if os.path.isfile(path):
+            if _read_ahead(path):
                 fetched[inst.sop_instance_uid] = path
             else:
                 missing[inst.sop_instance_uid] = f"file not found: {path}"
@@ -139,6 +141,23 @@ def fetch_series(job: SeriesJob, options: FetchOptions) -> Fetched:
         else:
             result.missing.append((uid, missing.get(uid, "not fetched")))
     return result
+
+
+def _read_ahead(path: str) -> bool:
+    """Whether ``path`` is a readable file; if so, ask the kernel to start reading it into the
+    page cache, so that the convert worker finds it there (reading overlaps converting)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            return False
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_WILLNEED)
+        return True
+    finally:
+        os.close(descriptor)
 
 
 def _file_path(location: str) -> str:
