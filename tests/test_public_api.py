@@ -45,6 +45,7 @@ EXPECTED: dict[str, set[str]] = {
     "storage.objects": {"LocalObjectStore", "ObjectStore", "validate_key"},
     "storage.arrays": {
         "COMPRESSORS",
+        "DEFAULT_COMPRESSOR",
         "DTYPES",
         "ArrayInfo",
         "ArrayStore",

@@ -74,9 +74,10 @@ def add_parser(sub: Any) -> None:
     )
     parser.add_argument(
         "--compressor",
-        choices=("blosc-zstd", "zstd", "none"),
-        default="blosc-zstd",
-        help="chunk compression (default blosc-zstd: lossless, fast to read)",
+        choices=("blosc-lz4", "blosc-zstd", "zstd", "none"),
+        default="blosc-lz4",
+        help="chunk compression, all lossless (default blosc-lz4: fastest to write and to "
+        "read in training; blosc-zstd: about 25%% smaller, slower)",
     )
     parser.add_argument(
         "--split-stacks",

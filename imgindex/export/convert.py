@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Final
 from imgindex.deid import Deidentifier
 from imgindex.export.volume import VolumeError, assemble, decode_instance
 from storage import ArrayStore
+from storage.arrays import DEFAULT_COMPRESSOR
 
 if TYPE_CHECKING:
     from imgindex.export.fetch import Fetched
@@ -37,7 +38,7 @@ class ConvertOptions:
 
     store: str
     deid_key: bytes = field(repr=False)
-    compressor: str = "blosc-zstd"
+    compressor: str = DEFAULT_COMPRESSOR
     chunks: tuple[int, ...] | None = None
     shard_bytes: int = 256 * 2**20
     split: bool = False

@@ -40,6 +40,7 @@ from imgindex.export.plan import SeriesJob, plan_series, read_selection_file
 from imgindex.index import Index
 from imgindex.schema import TRANSFER_SCHEMA
 from storage import ArrayStore, Pipeline, Retry, Stage, TransferMetrics, Work, run_on_dask
+from storage.arrays import DEFAULT_COMPRESSOR
 
 if TYPE_CHECKING:
     import threading
@@ -281,7 +282,7 @@ def export(
     fetch_threads: int = 4,
     max_inflight_mb: int = 1024,
     chunks: Sequence[int] | None = None,
-    compressor: str = "blosc-zstd",
+    compressor: str = DEFAULT_COMPRESSOR,
     split_stacks: bool = False,
     scheduler: str | None = None,
     fetch: FetchOptions | None = None,

@@ -234,6 +234,7 @@ def test_shards_are_byte_identical_to_zarrs_own_write(store: ArrayStore, tmp_pat
     # exactly what zarr-python itself writes.
     data = volume((6, 16, 20), "int16") + 1000
     cases: list[tuple[str, list[BytesBytesCodec] | None]] = [
+        ("blosc-lz4", [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]),
         ("blosc-zstd", [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")]),
         ("zstd", [ZstdCodec(level=1)]),
         ("none", None),
