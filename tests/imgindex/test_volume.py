@@ -42,6 +42,7 @@ from imgindex.export.volume import (
     Volume,
     VolumeError,
     _decode_instance,
+    _native_frames,
     _parse,
     _parse_fast,
     _planes,
@@ -403,6 +404,9 @@ def check_fast_path_agrees(data: bytes, n_frames: int) -> None:
         assert _planes(fast.header, n_frames) == _planes(slow.header, n_frames)
         for attribute in ("SOPInstanceUID", "InstanceNumber", "SOPClassUID"):
             assert fast.header.get(attribute) == slow.header.get(attribute)
+    native = _native_frames(fast)
+    if native is not None:  # the raw-value path gives what pydicom's gives
+        check_frames_equal(native, _decode_instance(data, as_rgb=False, fast=False))
 
 
 def test_the_fast_path_takes_most_files(corpus_folders: dict[str, Path]) -> None:
@@ -889,3 +893,147 @@ def test_enhanced_frames_sharing_one_position_are_a_stack(pydicom_data_files: Pa
     [volume] = assemble(frames)
     assert (volume.geometry, volume.frames) == ("stack", [0, 1])
     assert volume.pixel_spacing == (0.388672, 0.388672)
+
+
+# -- the raw-value path for native grayscale frames -----------------------------------------
+
+
+def _native_ct(transfer_syntax: str = ExplicitVRLittleEndian, **values: Any) -> Dataset:
+    ds = make_series(19, "CT", 1, 16, 24, transfer_syntax=transfer_syntax)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the invalid values are the point
+        for keyword, value in values.items():
+            if value is None:
+                del ds[keyword]
+            else:
+                setattr(ds, keyword, value)
+    return ds
+
+
+def check_native(data: bytes, *, taken: bool) -> list[Frame]:
+    """decode_instance equals dcmread's path and pixel_array; `taken`: by _native_frames."""
+    instance = _parse_fast(data)
+    assert instance is not None
+    assert (_native_frames(instance) is not None) == taken
+    frames = decode_instance(data)
+    check_frames_equal(frames, _decode_instance(data, as_rgb=False, fast=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = dcmread(BytesIO(data)).pixel_array
+    assert frames[0].pixels.dtype == expected.dtype
+    np.testing.assert_array_equal(frames[0].pixels, expected)
+    return frames
+
+
+@pytest.mark.parametrize("transfer_syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+@pytest.mark.parametrize(
+    ("bits_allocated", "bits_stored", "representation"),
+    [
+        (16, 12, 0),
+        (16, 12, 1),
+        (16, 16, 1),
+        (16, 1, 1),
+        (8, 8, 0),
+        (8, 5, 1),
+        (32, 20, 1),
+        (32, 31, 0),
+    ],
+)
+def test_native_frames_clear_unused_bits_like_pydicom(
+    transfer_syntax: str, bits_allocated: int, bits_stored: int, representation: int
+) -> None:
+    # Every bit pattern, the unused high bits included: masked or sign-extended as pydicom does.
+    dtype = np.dtype(f"<{'ui'[representation]}{bits_allocated // 8}")
+    rng = np.random.default_rng(bits_stored)
+    values = rng.integers(0, 2**bits_allocated, size=(16, 24), dtype=np.uint64)
+    ds = _native_ct(
+        transfer_syntax,
+        BitsAllocated=bits_allocated,
+        BitsStored=bits_stored,
+        HighBit=bits_stored - 1,
+        PixelRepresentation=representation,
+    )
+    ds.PixelData = values.astype(dtype.str.replace("i", "u")).tobytes()
+    data = dataset_to_bytes(ds)
+    [frame] = check_native(data, taken=True)
+    assert (frame.bits_stored, frame.pixel_representation) == (bits_stored, representation)
+    if bits_stored == bits_allocated:
+        assert np.shares_memory(frame.pixels, np.frombuffer(data, dtype=np.uint8))
+    else:
+        assert frame.pixels.flags.writeable  # a corrected copy; the input is untouched
+        assert not np.shares_memory(frame.pixels, np.frombuffer(data, dtype=np.uint8))
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"ImagePositionPatient": ["-1.5e2", "+.5", " 7 "], "SliceThickness": "2.50"},
+        {"ImagePositionPatient": ["1", "2"], "PixelSpacing": ["0.5"]},  # wrong counts: None
+        {"PixelSpacing": None, "ImagerPixelSpacing": ["0.25", "0.3"]},
+        {"RescaleSlope": "1e999"},  # infinite: None
+        {"InstanceNumber": " 0012", "RescaleIntercept": "-1024"},
+        {"InstanceNumber": None, "SliceThickness": None, "ImageOrientationPatient": None},
+        {"PhotometricInterpretation": "MONOCHROME1"},
+        {"NumberOfFrames": 1},
+    ],
+    ids=str,
+)
+def test_native_frames_read_values_like_pydicom(values: dict[str, Any]) -> None:
+    check_native(dataset_to_bytes(_native_ct(**values)), taken=True)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"RescaleSlope": "nan"},
+        {"RescaleSlope": ["1", "2"]},  # several values for one
+        {"InstanceNumber": "1.0"},
+        {"NumberOfFrames": 2},
+        {"PhotometricInterpretation": "PALETTE COLOR"},
+        {"BitsAllocated": 1, "BitsStored": 1, "HighBit": 0},
+    ],
+    ids=str,
+)
+def test_native_frames_leave_the_unusual_to_pydicom(values: dict[str, Any]) -> None:
+    data = _encode(_native_ct(**values))
+    instance = _parse_fast(data)
+    assert instance is not None
+    assert _native_frames(instance) is None
+    if not {"BitsAllocated", "PhotometricInterpretation", "NumberOfFrames"} & set(values):
+        check_native(data, taken=False)
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [
+        ("RescaleSlope", b"1,5 "),
+        ("RescaleIntercept", b"-10e2\x00"),
+        ("SOPInstanceUID", b"1.2.abc\x00"),
+    ],
+)
+def test_native_frames_leave_odd_raw_values_to_pydicom(keyword: str, value: bytes) -> None:
+    # Values pydicom will not even set: patched into the encoded bytes, same length.
+    placeholder = {
+        "RescaleSlope": b"7.25",
+        "RescaleIntercept": b"-2000",
+        "SOPInstanceUID": b"9.87654",
+    }
+    data = _encode(_native_ct(**{keyword: placeholder[keyword].decode()}))
+    padded = placeholder[keyword] + b" " * (len(placeholder[keyword]) % 2)
+    if keyword == "SOPInstanceUID":
+        padded = placeholder[keyword] + b"\x00"
+    assert padded in data  # the UID is in the file meta too: both change
+    assert len(value) == len(padded)
+    check_native(data.replace(padded, value), taken=False)
+
+
+def _encode(ds: Dataset) -> bytes:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return dataset_to_bytes(ds)
+
+
+def test_native_frames_with_excess_pixel_data_go_to_pydicom() -> None:
+    ds = _native_ct()
+    ds.PixelData = ds.PixelData + b"\x00\x00"
+    check_native(dataset_to_bytes(ds), taken=False)
