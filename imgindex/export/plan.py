@@ -124,10 +124,16 @@ def read_selection_file(path: str | Path) -> SelectionFile:
                 path, separator="\t" if suffix == ".tsv" else ",", infer_schema=False
             )
         else:
-            uids = [
-                line.strip()
+            # One UID per line; quotes (as a CSV export writes them), a SeriesInstanceUID
+            # header, blank lines and # comments are allowed.
+            stripped = (
+                line.strip().strip("\"'").strip()
                 for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and not line.lstrip().startswith("#")
+            )
+            uids = [
+                uid
+                for uid in stripped
+                if uid and not uid.startswith("#") and uid != "SeriesInstanceUID"
             ]
             frame = pl.DataFrame(
                 {"SeriesInstanceUID": uids}, schema={"SeriesInstanceUID": pl.String}

@@ -439,3 +439,11 @@ def test_metrics_count_every_series(tmp_path: Path) -> None:
     assert sample("imgindex_export_stage_seconds_count", {"stage": "convert"}) == 3
     assert sample("imgindex_export_inflight_bytes") == 0
     assert (sample("imgindex_export_bytes_total", {"outcome": "ok"}) or 0) > 0
+
+
+def test_a_text_selection_may_quote_and_comment(tmp_path: Path) -> None:
+    from imgindex.export.plan import read_selection_file
+
+    path = tmp_path / "sel.txt"
+    path.write_text("SeriesInstanceUID\n\"1.2.3\"\n# a comment\n\n 1.2.4 \n'1.2.5'\n1.2.3\n")
+    assert read_selection_file(path).series == ["1.2.3", "1.2.4", "1.2.5"]

@@ -507,8 +507,14 @@ def test_keyboard_interrupt_shuts_down_and_propagates() -> None:
         return x
 
     pipeline = Pipeline([Stage("fetch", fetch)], max_inflight_bytes=10)
-    with pytest.raises(KeyboardInterrupt):
-        pipeline.run(_works(1000))
+    # Python's own Ctrl-C handler, whatever an earlier test in this process installed (the
+    # listener's supervisor ignores SIGINT, for one).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.run(_works(1000))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert calls < 10
 
 
