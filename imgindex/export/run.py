@@ -360,7 +360,10 @@ def export(
         logger.info("removed %d partial arrays of an earlier run", removed)
     out_key = str(out_path)
     done = _done_before(root, out_key, store)
-    todo = [job for job in jobs if job.series_uid not in done]
+    # Largest first: the series converting alone at the end of the run is then a small one.
+    todo = sorted(
+        (job for job in jobs if job.series_uid not in done), key=lambda j: -j.memory_bytes
+    )
     summary = ExportSummary(out=out_path, selected=len(selection_file.series), already=len(done))
     ledger = _LedgerWriter(root, out_key)
     for uid in not_in_index:
