@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import threading
 from typing import TYPE_CHECKING, Any
 
 from imgindex.config import SETTINGS_HELP, Settings, load_settings
@@ -27,3 +30,22 @@ def settings_from(args: argparse.Namespace, extra: Mapping[str, Any] | None = No
 def is_terminal() -> bool:
     """Whether stderr is a terminal (progress bars are shown only there)."""
     return os.isatty(2)
+
+
+def stop_on_signals(command: str, doing: str) -> threading.Event:
+    """An event SIGTERM and SIGINT set, saying on stderr what ``command`` does next
+    (``doing``); a second signal aborts with KeyboardInterrupt."""
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        print(
+            f"imgindex {command}: {signal.Signals(signum).name}, {doing} (again to abort)",
+            file=sys.stderr,
+        )
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    return stop

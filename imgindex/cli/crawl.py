@@ -6,12 +6,10 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import signal
 import sys
-import threading
 from typing import TYPE_CHECKING, Any
 
-from imgindex.cli._common import add_root, is_terminal, settings_from
+from imgindex.cli._common import add_root, is_terminal, settings_from, stop_on_signals
 from imgindex.config import SETTINGS_HELP
 from imgindex.errors import ConfigError
 
@@ -190,20 +188,7 @@ def run(args: argparse.Namespace) -> int:
     if args.metrics_port is not None:
         port = metrics.serve(args.metrics_port)
         print(f"imgindex crawl: metrics on http://127.0.0.1:{port}/metrics", file=sys.stderr)
-    stop = threading.Event()
-
-    def _on_signal(signum: int, _frame: object) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        print(
-            f"imgindex crawl: {signal.Signals(signum).name}, stopping after the requests in "
-            "flight (again to abort)",
-            file=sys.stderr,
-        )
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    stop = stop_on_signals("crawl", "stopping after the requests in flight")
 
     def client(url: str) -> DicomWebClient:
         return DicomWebClient(

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imgindex.cli._common import add_root, is_terminal, settings_from
+from imgindex.cli._common import add_root, is_terminal, settings_from, stop_on_signals
 from imgindex.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -201,20 +199,7 @@ def run(args: argparse.Namespace) -> int:
     if args.metrics_port is not None:
         port = served.serve(args.metrics_port)
         print(f"imgindex export: metrics on http://127.0.0.1:{port}/metrics", file=sys.stderr)
-    stop = threading.Event()
-
-    def _on_signal(signum: int, _frame: object) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        print(
-            f"imgindex export: {signal.Signals(signum).name}, finishing the series in flight "
-            "(again to abort; a rerun resumes)",
-            file=sys.stderr,
-        )
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    stop = stop_on_signals("export", "finishing the series in flight (a rerun resumes)")
     bar = _Bar(is_terminal() and not args.no_progress)
     try:
         summary = export(
