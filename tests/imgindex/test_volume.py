@@ -36,16 +36,13 @@ from pydicom.uid import (
 )
 
 from imgindex.errors import ImgindexError
+from imgindex.export._decode import _decode_instance, _parse, _planes
+from imgindex.export._rawheader import _native_frames, _parse_fast
 from imgindex.export.volume import (
     REASONS,
     Frame,
     Volume,
     VolumeError,
-    _decode_instance,
-    _native_frames,
-    _parse,
-    _parse_fast,
-    _planes,
     assemble,
     decode_instance,
 )
