@@ -59,6 +59,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from _bench import available_cpus, git_revision
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
@@ -480,35 +482,6 @@ def format_table(runs: Sequence[Run], repeat: int) -> str:
     return "\n".join(lines)
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def _git_revision() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return head + (" (with uncommitted changes)" if dirty else "")
-
-
 def _versions() -> str:
     import deltalake
     import duckdb
@@ -574,7 +547,7 @@ def _bench(args: argparse.Namespace, work_dir: Path) -> int:
     )
     print(
         f"# {dt.date.today().isoformat()}, {platform.node()}, {available_cpus()} CPUs, "
-        f"{_versions()}, git {_git_revision()}"
+        f"{_versions()}, git {git_revision()}"
     )
     print(
         "# each contender in its own subprocess: imports, then the query --repeat times; peak = "

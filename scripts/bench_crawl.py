@@ -62,7 +62,6 @@ import resource
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -74,6 +73,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import httpx
+from _bench import available_cpus, git_revision
 
 from dicomweb.client import DicomWebClient
 from imgindex.crawl.web import DicomWebCrawl
@@ -799,35 +799,6 @@ def format_runs(results: Sequence[Results]) -> str:
     return "\n".join(lines)
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def _git_revision() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return head + (" (with uncommitted changes)" if dirty else "")
-
-
 def _versions(orthanc: Orthanc) -> str:
     try:
         system = orthanc.get_json("/system")
@@ -979,7 +950,7 @@ def _bench(args: argparse.Namespace, work: Path) -> int:
             ),
             (
                 f"{dt.date.today().isoformat()}, {platform.node()}, {available_cpus()} CPUs, "
-                f"{_versions(orthanc)}, git {_git_revision()}"
+                f"{_versions(orthanc)}, git {git_revision()}"
             ),
             f"command: {command}",
         ]

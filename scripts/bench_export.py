@@ -69,6 +69,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from _bench import available_cpus, git_revision
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
@@ -1342,14 +1344,6 @@ def format_report(
 # --- machine -----------------------------------------------------------------------------------
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def _memory_gib() -> float:
     with contextlib.suppress(OSError, ValueError, IndexError):
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -1369,27 +1363,6 @@ def _filesystem(path: Path) -> str:
         )
         return " ".join(done.stdout.splitlines()[-1].split())
     return "unknown"
-
-
-def _git_revision() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return head + (" (with uncommitted changes)" if dirty else "")
 
 
 def _versions(tools: Tools) -> str:
@@ -1480,7 +1453,7 @@ def _bench(args: argparse.Namespace, work: Path) -> int:
         "work": str(work),
         "work_fs": _filesystem(work),
         "versions": _versions(tools),
-        "git": _git_revision(),
+        "git": git_revision(),
         "command": command_line(),
         "regime": regime,
         "regime_reason": reason,

@@ -26,7 +26,6 @@ import argparse
 import datetime as dt
 import itertools
 import json
-import os
 import platform
 import shutil
 import subprocess
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import pydicom
+from _bench import available_cpus
 
 from imgindex.crawl import index_files, iter_files
 from imgindex.schema import DEFAULT_ATTRIBUTES
@@ -82,14 +82,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
     return value
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def build_parser() -> argparse.ArgumentParser:
