@@ -134,17 +134,17 @@ def convert_series(fetched: Fetched, options: ConvertOptions) -> Converted:
         result.message = str(exc)
         return result
     del frames
-    return _write(job.series_uid, volumes, fetched, options, result)
+    return _write(volumes, fetched, options, result)
 
 
 def _write(
-    series_uid: str,
     volumes: list[Volume],
     fetched: Fetched,
     options: ConvertOptions,
     result: Converted,
 ) -> Converted:
     job = fetched.job
+    series_uid = job.series_uid
     deid = Deidentifier(options.deid_key)
     store = _store(options.store)
     base_key = array_key(deid, series_uid)

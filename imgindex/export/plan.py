@@ -18,8 +18,6 @@ import pyarrow.parquet as pq
 from imgindex.errors import ConfigError
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
     from imgindex.index import Index
 
 __all__ = ["Instance", "SelectionFile", "SeriesJob", "plan_series", "read_selection_file"]
@@ -237,8 +235,3 @@ def _decoded_bytes(row: dict[str, Any]) -> int:
     samples = row.get("SamplesPerPixel") or 1
     bits = row.get("BitsAllocated") or 16
     return int(rows * columns * frames * samples * max(1, bits // 8))
-
-
-def total_bytes(jobs: Sequence[SeriesJob]) -> int:
-    """DICOM bytes in of ``jobs``."""
-    return sum(j.size_bytes for j in jobs)

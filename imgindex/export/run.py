@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
     from prometheus_client import CollectorRegistry
 
-    from storage import Outcome, Progress
+    from storage import Outcome, Progress, Table
 
 __all__ = ["ExportProgress", "ExportSummary", "export", "read_manifest"]
 
@@ -192,7 +192,7 @@ class _Stopped(Exception):
     """Raised from a callback of a Dask run to stop it (``stop`` was set)."""
 
 
-def _ledger(root: Path) -> Any:
+def _ledger(root: Path) -> Table:
     return Index(root).table("transfers")
 
 
