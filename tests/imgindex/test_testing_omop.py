@@ -459,6 +459,9 @@ def load_bench() -> ModuleType:
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    # As when it runs as a script: its folder is on the path, for the shared scripts/_bench.py.
+    if str(REPO / "scripts") not in sys.path:
+        sys.path.insert(0, str(REPO / "scripts"))
     # Dataclasses look their module up in sys.modules while the class is created.
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
