@@ -46,9 +46,12 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     if "cluster" in request.fixturenames:  # the cluster's own threads live for the module
         yield
         return
-    threads = threading.active_count()
+    # Compare identities, not counts: threads that were already running (other libraries'
+    # daemons) may end during the test, which a count would mistake for a leak.
+    before = set(threading.enumerate())
     yield
-    assert threading.active_count() == threads, threading.enumerate()
+    leaked = [t for t in threading.enumerate() if t not in before]
+    assert leaked == []
     assert multiprocessing.active_children() == []
 
 
