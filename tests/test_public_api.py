@@ -144,7 +144,7 @@ EXPECTED: dict[str, set[str]] = {
         "reject_row",
     },
     "imgindex.index": {"TABLE_NAMES", "Index", "IndexWriter"},
-    "imgindex.deid": {"PSEUDONYMIZED", "SAFE_ATTRIBUTES", "Deidentifier"},
+    "imgindex.deid": {"PSEUDONYMIZED", "SAFE_ATTRIBUTES", "SHIFT_DAYS", "Deidentifier", "read_key_file"},
     "imgindex.export": {"ExportProgress", "ExportSummary", "array_key", "export", "read_manifest"},
     "imgindex.export.volume": {
         "ORIENTATION_TOLERANCE",

@@ -1,4 +1,4 @@
-"""De-identification: the one gate every attribute passes before it leaves imgindex.
+"""Keyed pseudonyms and date shifts, and the gate every export attribute passes.
 
 Export writes attributes to two places, the Zarr arrays' attributes and ``manifest.parquet``;
 both call :meth:`Deidentifier.attributes` and write only what it returns. Until the full
@@ -22,6 +22,7 @@ by its owner only).
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import hmac
 import math
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Final
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-__all__ = ["PSEUDONYMIZED", "SAFE_ATTRIBUTES", "Deidentifier"]
+__all__ = ["PSEUDONYMIZED", "SAFE_ATTRIBUTES", "SHIFT_DAYS", "Deidentifier", "read_key_file"]
 
 #: Attributes that identify no one: geometry, sizes, pixel format, modality, rescale.
 SAFE_ATTRIBUTES: Final = frozenset(
@@ -94,6 +95,9 @@ PSEUDONYMIZED: Final[Mapping[str, str]] = {
 _LABEL = re.compile(r"(?:.+_count|.+_days|days_from_index)")
 _KEY_BYTES: Final = 32
 _TOKEN_HEX: Final = 24
+#: The range of per-patient date shifts, in days: always into the past, never zero, so a
+#: shifted date can never be the original one.
+SHIFT_DAYS: Final = (-3650, -366)
 
 
 class Deidentifier:
@@ -136,7 +140,12 @@ class Deidentifier:
                 pass
             finally:
                 fresh.unlink()
-        return cls(bytes.fromhex(path.read_text(encoding="ascii").strip()))
+        return cls(read_key_file(path))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> Deidentifier:
+        """The key in ``path`` (``--deid-key-file``): see :func:`read_key_file`."""
+        return cls(read_key_file(path))
 
     def _digest(self, kind: str, value: str) -> bytes:
         return hmac.new(self._key, f"{kind}\0{value}".encode(), hashlib.sha256).digest()
@@ -148,6 +157,21 @@ class Deidentifier:
     def uid(self, value: str) -> str:
         """A UID for ``value`` under the ``2.25`` root (PS3.5 B.2): ``2.25.<128-bit int>``."""
         return "2.25." + str(int.from_bytes(self._digest("uid", value)[:16], "big"))
+
+    def shift_days(self, patient_id: object) -> int:
+        """The patient's date shift in days, within :data:`SHIFT_DAYS` (never zero).
+
+        Derived from the key and the PatientID (stripped of surrounding spaces, as EMR links
+        are), so every study and every EMR row of one patient moves by the same offset and
+        the intervals between them are kept exactly.
+        """
+        low, high = SHIFT_DAYS
+        draw = int.from_bytes(self._digest("date-shift", str(patient_id).strip())[:8], "big")
+        return low + draw % (high - low + 1)
+
+    def shift_date(self, value: dt.date, patient_id: object) -> dt.date:
+        """``value`` moved by the patient's :meth:`shift_days` (datetimes keep their time)."""
+        return value + dt.timedelta(days=self.shift_days(patient_id))
 
     def attributes(
         self, attributes: Mapping[str, Any], *, pseudonymized: bool = False
@@ -172,6 +196,35 @@ class Deidentifier:
             elif _LABEL.fullmatch(name) and _is_number(value):
                 out[name] = value
         return out
+
+
+def read_key_file(path: str | os.PathLike[str]) -> bytes:
+    """A key from a file: 64 hex digits (as ``ROOT/secrets/deid.key`` holds), or otherwise
+    the file's raw bytes (at least 16).
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing, unreadable or too short.
+    """
+    from imgindex.errors import ConfigError
+
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the de-identification key: {exc}") from exc
+    text = raw.strip()
+    try:
+        key = bytes.fromhex(text.decode("ascii")) if text else b""
+    except (UnicodeDecodeError, ValueError):
+        key = raw
+    if len(key) < 16:
+        raise ConfigError(
+            f"{path}: a de-identification key needs at least 16 bytes (32 hex digits); "
+            "make one with: python -c 'import secrets; print(secrets.token_hex(32))' > KEYFILE"
+        )
+    return key
 
 
 def _is_number(value: object) -> bool:
