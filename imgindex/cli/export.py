@@ -1,4 +1,5 @@
-"""``imgindex export SELECTION --root ROOT --out EXPORT.zarr``: selected series to Zarr."""
+"""``imgindex export SELECTION --root ROOT --out EXPORT.zarr``: selected series to Zarr (or to
+de-identified DICOM files with ``--format dicom``), de-identified by default."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from imgindex.cli._common import add_root, is_terminal, settings_from, stop_on_s
 from imgindex.errors import ConfigError
 
 if TYPE_CHECKING:
+    from imgindex.deid import Deidentifier
     from imgindex.export.run import ExportProgress, ExportSummary
 
 #: Failures listed in the summary; the rest are in the transfers table.
@@ -22,12 +24,18 @@ def add_parser(sub: Any) -> None:
     """Register the subcommand."""
     parser = sub.add_parser(
         "export",
-        help="export selected series to a Zarr store (one array per series, de-identified)",
+        help="export selected series, de-identified, to a Zarr store (one array per series) "
+        "or as DICOM files",
         description="Fetch every instance of the selected series from where the index says it "
         "is (a file, or a DICOMweb server asked for the stored transfer syntax), decode it "
         "losslessly, assemble each series into a volume ordered along the slice normal, and "
         "write one Zarr v3 array per series with its geometry, plus manifest.parquet. "
-        "Attributes pass through de-identification: IDs and UIDs become keyed pseudonyms. "
+        "Everything written passes through de-identification (DICOM PS3.15 Annex E Basic "
+        "Profile with the Retain Longitudinal Temporal Information with Modified Dates, "
+        "Retain Patient Characteristics and Clean Descriptors options): PatientID and UIDs "
+        "become keyed pseudonyms and dates shift by a per-patient offset, both derived from "
+        "a secret key, so exports made with the same key line up (docs/deid.md). Instances "
+        "that may show burned-in text are left out and listed. "
         "Every series is recorded in the transfers table (expected, fetched and written "
         "instances); a series is complete only when the three agree, and a rerun of the same "
         "command resumes. Exit status 0 when every series is complete, 2 when some failed.",
@@ -39,7 +47,55 @@ def add_parser(sub: Any) -> None:
         "SeriesInstanceUID column, or a text file with one SeriesInstanceUID per line",
     )
     add_root(parser)
-    parser.add_argument("--out", required=True, metavar="EXPORT.zarr", help="the Zarr store")
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="EXPORT.zarr",
+        help="the Zarr store (or, with --format dicom, the folder) to write; a rerun resumes it",
+    )
+    parser.add_argument(
+        "--format",
+        choices=("zarr", "dicom"),
+        default="zarr",
+        help="zarr: one array per series (default); dicom: de-identified DICOM files, pixel "
+        "data untouched, as OUT/<patient>/<study>/<series>/<instance>.dcm",
+    )
+    parser.add_argument(
+        "--with-emr",
+        action="store_true",
+        help="also write the selected persons' OMOP rows (person, visits, conditions, "
+        "procedures, drugs, measurements, observations) as OUT/emr/<table>.parquet, with the "
+        "same pseudonyms and date shifts as the images",
+    )
+    parser.add_argument(
+        "--deid-key-file",
+        metavar="FILE",
+        default=None,
+        help="the secret key of pseudonyms and date shifts (64 hex digits); default "
+        "ROOT/secrets/deid.key, made on first use. Same key, same pseudonyms: keep it secret "
+        "and keep it",
+    )
+    parser.add_argument(
+        "--deid-options",
+        default="dates,characteristics,descriptors",
+        metavar="LIST",
+        help="PS3.15 profile options, comma-separated: dates (shift dates rather than remove "
+        "them), characteristics (keep age, sex, size, weight), descriptors (keep free-text "
+        "descriptions once cleaned); or none for the Basic Profile alone (default: all three)",
+    )
+    parser.add_argument(
+        "--allow-burned-in",
+        action="store_true",
+        help="also export instances that may show burned-in text (BurnedInAnnotation YES, "
+        "secondary captures, ultrasound, photographs, screen saves); by default they are left "
+        "out and listed",
+    )
+    parser.add_argument(
+        "--no-deid",
+        action="store_true",
+        help="write identifying values as they are (no de-identification): only for exports "
+        "that stay where the source data may be, and for testing imgindex deid-check",
+    )
     parser.add_argument(
         "--workers",
         type=int,
@@ -199,6 +255,7 @@ def run(args: argparse.Namespace) -> int:
     if args.metrics_port is not None:
         port = served.serve(args.metrics_port)
         print(f"imgindex export: metrics on http://127.0.0.1:{port}/metrics", file=sys.stderr)
+    deid = _deidentifier(args, settings.root)
     stop = stop_on_signals("export", "finishing the series in flight (a rerun resumes)")
     bar = _Bar(is_terminal() and not args.no_progress)
     try:
@@ -214,6 +271,10 @@ def run(args: argparse.Namespace) -> int:
             split_stacks=args.split_stacks,
             scheduler=args.scheduler,
             fetch=FetchOptions(auth=_auth_text(args), concurrency=args.fetch_threads),
+            deid=deid,
+            format=args.format,
+            with_emr=args.with_emr,
+            allow_burned_in=args.allow_burned_in,
             registry=served.registry,
             on_progress=bar,
             stop=stop,
@@ -225,6 +286,34 @@ def run(args: argparse.Namespace) -> int:
     if summary.cancelled:
         return 130
     return 0 if summary.ok else 2
+
+
+def _deidentifier(args: argparse.Namespace, root: Path) -> Deidentifier:
+    """The export's key and options, saying so when a key is made or de-identification is off."""
+    from imgindex.deid import Deidentifier, ProfileOptions
+
+    try:
+        options = ProfileOptions.parse(args.deid_options)
+    except ValueError as exc:
+        raise ConfigError(f"--deid-options: {exc}") from None
+    enabled = not args.no_deid
+    if not enabled:
+        print(
+            "imgindex export: --no-deid: identifying values are written as they are",
+            file=sys.stderr,
+        )
+    if args.deid_key_file:
+        return Deidentifier.from_file(args.deid_key_file, options, enabled=enabled)
+    key = Path(root) / "secrets" / "deid.key"
+    made = not key.is_file()
+    deid = Deidentifier.for_root(root, options, enabled=enabled)
+    if made:
+        print(
+            f"imgindex export: made a new de-identification key, {key} (readable by you "
+            "only): exports with the same key share pseudonyms and date shifts; keep it secret",
+            file=sys.stderr,
+        )
+    return deid
 
 
 def format_summary(summary: ExportSummary) -> str:
@@ -242,7 +331,7 @@ def format_summary(summary: ExportSummary) -> str:
                 "\"SELECT * FROM transfers WHERE outcome <> 'complete'\""
             ),
         ]
-    if summary.arrays:
+    if summary.arrays and summary.format == "zarr":
         lines += [
             "open it in Python, with no imgindex code (docs/export.md):",
             "  import zarr, polars as pl",

@@ -32,6 +32,11 @@ import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from pydicom.datadict import dictionary_VR, keyword_dict
+
+from imgindex.deid.dataset import ID_KEYWORDS, NAME_KEYWORDS
+from imgindex.deid.profile import Identity, Profile, ProfileOptions, clean_text
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
@@ -93,6 +98,9 @@ PSEUDONYMIZED: Final[Mapping[str, str]] = {
 
 #: Numeric cohort labels a selection carries (docs/cohorts.md): counts and day intervals.
 _LABEL = re.compile(r"(?:.+_count|.+_days|days_from_index)")
+_DA: Final = re.compile(r"\d{8}")
+_ISO_DATE: Final = re.compile(r"\d{4}-\d{2}-\d{2}")
+_TIME: Final = re.compile(r"\d{2}(?::?\d{2}(?::?\d{2}(?:\.\d{1,6})?)?)?")
 _KEY_BYTES: Final = 32
 _TOKEN_HEX: Final = 24
 #: The range of per-patient date shifts, in days: always into the past, never zero, so a
@@ -101,21 +109,36 @@ SHIFT_DAYS: Final = (-3650, -366)
 
 
 class Deidentifier:
-    """Keyed pseudonyms and the attribute gate.
+    """The secret key, the profile options, and what they make of identifying values.
 
     Parameters
     ----------
     key : bytes
-        The secret (at least 16 bytes). Keep it: the same key gives the same pseudonyms.
+        The secret (at least 16 bytes). Keep it: the same key gives the same pseudonyms and
+        the same date shifts.
+    options : ProfileOptions, optional
+        The PS3.15 options in force (default: all of them, see :class:`ProfileOptions`).
+    enabled : bool
+        ``False`` (``imgindex export --no-deid``) writes identifying values as they are:
+        for checking the checker, and for exports that stay inside the hospital.
     """
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(
+        self, key: bytes, options: ProfileOptions | None = None, *, enabled: bool = True
+    ) -> None:
         if len(key) < 16:
             raise ValueError("a de-identification key needs at least 16 bytes")
         self._key = key
+        self.options = options or ProfileOptions()
+        self.enabled = enabled
 
     def __repr__(self) -> str:
-        return "Deidentifier(key=<secret>)"
+        return f"Deidentifier(key=<secret>, options={self.options}, enabled={self.enabled})"
+
+    @property
+    def profile(self) -> Profile:
+        """PS3.15 Table E.1-1 resolved for :attr:`options`."""
+        return Profile.default(self.options)
 
     @property
     def key(self) -> bytes:
@@ -123,7 +146,13 @@ class Deidentifier:
         return self._key
 
     @classmethod
-    def for_root(cls, root: str | os.PathLike[str]) -> Deidentifier:
+    def for_root(
+        cls,
+        root: str | os.PathLike[str],
+        options: ProfileOptions | None = None,
+        *,
+        enabled: bool = True,
+    ) -> Deidentifier:
         """The catalog's own key, ``ROOT/secrets/deid.key``, made on first use (mode 0600)."""
         path = Path(root) / "secrets" / "deid.key"
         if not path.is_file():
@@ -140,12 +169,18 @@ class Deidentifier:
                 pass
             finally:
                 fresh.unlink()
-        return cls(read_key_file(path))
+        return cls(read_key_file(path), options, enabled=enabled)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> Deidentifier:
+    def from_file(
+        cls,
+        path: str | os.PathLike[str],
+        options: ProfileOptions | None = None,
+        *,
+        enabled: bool = True,
+    ) -> Deidentifier:
         """The key in ``path`` (``--deid-key-file``): see :func:`read_key_file`."""
-        return cls(read_key_file(path))
+        return cls(read_key_file(path), options, enabled=enabled)
 
     def _digest(self, kind: str, value: str) -> bytes:
         return hmac.new(self._key, f"{kind}\0{value}".encode(), hashlib.sha256).digest()
@@ -176,16 +211,28 @@ class Deidentifier:
     def attributes(
         self, attributes: Mapping[str, Any], *, pseudonymized: bool = False
     ) -> dict[str, Any]:
-        """What of ``attributes`` may leave: safe ones as they are, identifiers pseudonymized,
-        numeric labels kept; everything else dropped.
+        """What of ``attributes`` may leave, as JSON-ready values.
 
-        With ``pseudonymized=True`` the identifiers are taken to be pseudonyms already (the
-        attributes of an exported array, passed on to the manifest) and kept as they are.
+        - imgindex's own safe names (:data:`SAFE_ATTRIBUTES`) as they are;
+        - identifiers (:data:`PSEUDONYMIZED`) as keyed pseudonyms;
+        - numeric cohort labels as they are;
+        - DICOM attributes by the profile: kept (``K``, or not in the table), UIDs replaced
+          (``U``), dates shifted and descriptions cleaned (``C``), the rest dropped;
+        - anything else dropped.
+
+        With ``pseudonymized=True`` the attributes have been through this gate already (an
+        exported array's, passed on to the manifest) and are only filtered, not changed
+        again. A disabled Deidentifier returns everything as it is.
         """
+        if not self.enabled:
+            return {name: _jsonable(value) for name, value in attributes.items()}
+        profile = self.profile
+        patient_id = attributes.get("PatientID")
+        identity: Identity | None = None
         out: dict[str, Any] = {}
         for name, value in attributes.items():
             if name in SAFE_ATTRIBUTES:
-                out[name] = value
+                out[name] = _jsonable(value)
             elif name in PSEUDONYMIZED:
                 if value is None or pseudonymized:
                     out[name] = value
@@ -193,9 +240,74 @@ class Deidentifier:
                     out[name] = self.uid(str(value))
                 else:
                     out[name] = self.token(name, value)
-            elif _LABEL.fullmatch(name) and _is_number(value):
-                out[name] = value
+            elif _LABEL.fullmatch(name):
+                if _is_number(value):
+                    out[name] = value
+            elif not _is_keyword(name):
+                continue
+            elif pseudonymized or value is None:
+                out[name] = _jsonable(value)
+            else:
+                action = profile.keyword_action(name)
+                if action is None and _is_date_keyword(name):
+                    action = "C" if self.options.modified_dates else "X"
+                if action in (None, "K"):
+                    out[name] = _jsonable(value)
+                elif action == "U":
+                    out[name] = self.uid(str(value))
+                elif action == "C":
+                    if identity is None:
+                        identity = attribute_identity(attributes)
+                    cleaned = self._clean(value, patient_id, identity)
+                    if cleaned is not None:
+                        out[name] = cleaned
         return out
+
+    def _clean(self, value: Any, patient_id: object, identity: Identity) -> Any:
+        """A ``C`` attribute's value: dates and date-times shifted, text cleaned, times
+        kept, anything else dropped (``None``)."""
+        if isinstance(value, dt.datetime | dt.date):
+            return _jsonable(self.shift_date(value, patient_id))
+        if isinstance(value, list | tuple):
+            cleaned = [self._clean(v, patient_id, identity) for v in value]
+            kept = [v for v in cleaned if v is not None]
+            return kept or None
+        if isinstance(value, str):
+            if _DA.fullmatch(value):
+                day = dt.date(int(value[:4]), int(value[4:6]), int(value[6:8]))
+                return self.shift_date(day, patient_id).isoformat()
+            if _ISO_DATE.fullmatch(value):
+                return self.shift_date(dt.date.fromisoformat(value), patient_id).isoformat()
+            if _TIME.fullmatch(value):
+                return value
+            return clean_text(value, identity) or None
+        return None
+
+
+def attribute_identity(attributes: Mapping[str, Any]) -> Identity:
+    """The names and IDs among export attributes (a series' index attributes), for cleaning
+    its descriptions."""
+    return Identity.of(
+        [attributes.get(k) for k in NAME_KEYWORDS], [attributes.get(k) for k in ID_KEYWORDS]
+    )
+
+
+def _is_keyword(name: str) -> bool:
+    return keyword_dict.get(name) is not None
+
+
+def _is_date_keyword(name: str) -> bool:
+    tag = keyword_dict.get(name)
+    return tag is not None and dictionary_VR(tag) in ("DA", "DT")
+
+
+def _jsonable(value: Any) -> Any:
+    """Dates as ISO strings, tuples as lists; everything else as it is."""
+    if isinstance(value, dt.datetime | dt.date):
+        return value.isoformat()
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    return value
 
 
 def read_key_file(path: str | os.PathLike[str]) -> bytes:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from imgindex.deid import Deidentifier
+from imgindex.deid import Deidentifier, ProfileOptions
 from imgindex.export.volume import VolumeError, assemble, decode_instance
 from storage import ArrayStore
 from storage.arrays import DEFAULT_COMPRESSOR
@@ -25,7 +25,14 @@ if TYPE_CHECKING:
     from imgindex.export.fetch import Fetched
     from imgindex.export.volume import Frame, Volume
 
-__all__ = ["ConvertOptions", "Converted", "array_key", "convert_series"]
+__all__ = [
+    "ConvertOptions",
+    "Converted",
+    "array_key",
+    "convert_series",
+    "incomplete_fetch",
+    "write_series",
+]
 
 #: Version of the array attributes' layout (docs/export.md).
 EXPORT_FORMAT: Final = 1
@@ -34,16 +41,24 @@ _SHOWN_MISSING: Final = 3
 
 @dataclass(frozen=True)
 class ConvertOptions:
-    """How to write arrays: where, compressed how, chunked how, de-identified with which key."""
+    """How to write a series: where, in which format (``zarr`` arrays or ``dicom`` files),
+    compressed and chunked how, de-identified with which key and options."""
 
     store: str
     deid_key: bytes = field(repr=False)
+    format: str = "zarr"
+    deid_options: ProfileOptions = field(default_factory=ProfileOptions)
+    deid_enabled: bool = True
     compressor: str = DEFAULT_COMPRESSOR
     chunks: tuple[int, ...] | None = None
     shard_bytes: int = 256 * 2**20
     split: bool = False
     cohort_sha256: str | None = None
     index_version: int | None = None
+
+    def deidentifier(self) -> Deidentifier:
+        """The export's :class:`~imgindex.deid.Deidentifier`, made again in a worker."""
+        return Deidentifier(self.deid_key, self.deid_options, enabled=self.deid_enabled)
 
 
 @dataclass
@@ -79,6 +94,28 @@ def _store(path: str) -> ArrayStore:
         return store
 
 
+def write_series(fetched: Fetched, options: ConvertOptions) -> Converted:
+    """The export's write stage: :func:`convert_series` for Zarr, or
+    :func:`imgindex.export.dicom.write_dicom_series` for ``--format dicom``."""
+    if options.format == "dicom":
+        from imgindex.export.dicom import write_dicom_series
+
+        return write_dicom_series(fetched, options)
+    return convert_series(fetched, options)
+
+
+def incomplete_fetch(result: Converted, fetched: Fetched) -> Converted:
+    """``result`` failed as ``incomplete_fetch``, naming the first instances missing."""
+    shown = "; ".join(f"{uid}: {why}" for uid, why in fetched.missing[:_SHOWN_MISSING])
+    more = len(fetched.missing) - _SHOWN_MISSING
+    result.reason = "incomplete_fetch"
+    result.message = (
+        f"{len(fetched.missing)} of {result.expected} instances could not be fetched "
+        f"({shown}{f'; and {more} more' if more > 0 else ''})"
+    )
+    return result
+
+
 def convert_series(fetched: Fetched, options: ConvertOptions) -> Converted:
     """Decode, assemble and write ``fetched`` (see the module docstring)."""
     job = fetched.job
@@ -90,14 +127,7 @@ def convert_series(fetched: Fetched, options: ConvertOptions) -> Converted:
         bytes_in=fetched.bytes_in,
     )
     if fetched.missing:
-        shown = "; ".join(f"{uid}: {why}" for uid, why in fetched.missing[:_SHOWN_MISSING])
-        more = len(fetched.missing) - _SHOWN_MISSING
-        result.reason = "incomplete_fetch"
-        result.message = (
-            f"{len(fetched.missing)} of {result.expected} instances could not be fetched "
-            f"({shown}{f'; and {more} more' if more > 0 else ''})"
-        )
-        return result
+        return incomplete_fetch(result, fetched)
     frames: list[Frame] = []
     no_pixels = 0
     for position, (uid, source) in enumerate(fetched.sources):
@@ -145,7 +175,7 @@ def _write(
 ) -> Converted:
     job = fetched.job
     series_uid = job.series_uid
-    deid = Deidentifier(options.deid_key)
+    deid = options.deidentifier()
     store = _store(options.store)
     base_key = array_key(deid, series_uid)
     written: set[str] = set()

@@ -14,13 +14,27 @@ from typing import TYPE_CHECKING, Any, Final
 
 import polars as pl
 import pyarrow.parquet as pq
+from pydicom.uid import UID
 
 from imgindex.errors import ConfigError
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from imgindex.index import Index
 
-__all__ = ["Instance", "SelectionFile", "SeriesJob", "plan_series", "read_selection_file"]
+__all__ = [
+    "BURNED_IN_MODALITIES",
+    "BURNED_IN_SOP_CLASSES",
+    "SERIES_ATTRIBUTES",
+    "Exclusion",
+    "Instance",
+    "SelectionFile",
+    "SeriesJob",
+    "burned_in_reason",
+    "plan_series",
+    "read_selection_file",
+]
 
 #: Columns of a selection that are not labels (the series' identity and where it comes from).
 _NOT_LABELS: Final = frozenset(
@@ -38,8 +52,66 @@ _NOT_LABELS: Final = frozenset(
         "cohort_sha256",
     }
 )
-#: Series attributes of the index that travel to the array (through de-identification).
-_SERIES_ATTRIBUTES: Final = ("Modality", "BodyPartExamined", "SeriesDescription")
+#: Patient, study and series attributes of the index offered to the arrays. Each goes through
+#: de-identification (:meth:`imgindex.deid.Deidentifier.attributes`), which drops, shifts or
+#: cleans the identifying ones; the names and IDs among them are what descriptions are
+#: cleaned of.
+SERIES_ATTRIBUTES: Final = (
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    "StudyDate",
+    "StudyTime",
+    "StudyDescription",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "InstitutionName",
+    "SeriesNumber",
+    "SeriesDate",
+    "SeriesTime",
+    "Modality",
+    "SeriesDescription",
+    "BodyPartExamined",
+    "ProtocolName",
+    "Laterality",
+    "PatientPosition",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "StationName",
+    "ContrastBolusAgent",
+    "KVP",
+    "ConvolutionKernel",
+    "MagneticFieldStrength",
+)
+#: SOP classes that commonly carry burned-in text: secondary captures (screenshots, scanned
+#: documents), ultrasound, visible light photography and video (PS3.15 E.1.1 and the
+#: Standard's note on burned-in annotation).
+BURNED_IN_SOP_CLASSES: Final = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image Storage
+        "1.2.840.10008.5.1.4.1.1.7.1",  # Multi-frame Single Bit SC
+        "1.2.840.10008.5.1.4.1.1.7.2",  # Multi-frame Grayscale Byte SC
+        "1.2.840.10008.5.1.4.1.1.7.3",  # Multi-frame Grayscale Word SC
+        "1.2.840.10008.5.1.4.1.1.7.4",  # Multi-frame True Color SC
+        "1.2.840.10008.5.1.4.1.1.6.1",  # Ultrasound Image Storage
+        "1.2.840.10008.5.1.4.1.1.6.2",  # Enhanced US Volume Storage
+        "1.2.840.10008.5.1.4.1.1.3.1",  # Ultrasound Multi-frame Image Storage
+        "1.2.840.10008.5.1.4.1.1.6",  # Ultrasound Image Storage (retired)
+        "1.2.840.10008.5.1.4.1.1.3",  # Ultrasound Multi-frame Image Storage (retired)
+        "1.2.840.10008.5.1.4.1.1.77.1.1.1",  # Video Endoscopic Image Storage
+        "1.2.840.10008.5.1.4.1.1.77.1.2.1",  # Video Microscopic Image Storage
+        "1.2.840.10008.5.1.4.1.1.77.1.4",  # VL Photographic Image Storage
+        "1.2.840.10008.5.1.4.1.1.77.1.4.1",  # Video Photographic Image Storage
+        "1.2.840.10008.5.1.4.1.1.104.1",  # Encapsulated PDF Storage
+    }
+)
+#: Modalities that commonly carry burned-in text (ultrasound, secondary capture, external
+#: camera photography, document).
+BURNED_IN_MODALITIES: Final = frozenset({"US", "SC", "XC", "DOC"})
 #: Bytes a decoded pixel takes, per instance, when the index does not know the image size.
 _FALLBACK_DECODED_RATIO: Final = 3
 
@@ -64,6 +136,16 @@ class Instance:
     location: str
     size_bytes: int
     transfer_syntax: str | None
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    """Instances of a series left out of the export because they may show burned-in text."""
+
+    series_uid: str
+    excluded: int
+    of: int
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -166,8 +248,32 @@ def read_selection_file(path: str | Path) -> SelectionFile:
     )
 
 
-def plan_series(index: Index, selection: SelectionFile) -> tuple[list[SeriesJob], list[str]]:
-    """The selection's series as jobs (selection order), and the UIDs the index lacks."""
+def burned_in_reason(row: Mapping[str, Any]) -> str | None:
+    """Why an instance (an index row) may show burned-in text, or ``None``:
+    BurnedInAnnotation YES, a SOP class or modality that commonly burns text in, or an
+    ImageType of SCREEN SAVE."""
+    if str(row.get("BurnedInAnnotation") or "").strip().upper() == "YES":
+        return "BurnedInAnnotation is YES"
+    sop_class = str(row.get("SOPClassUID") or "")
+    if sop_class in BURNED_IN_SOP_CLASSES:
+        return f"SOP class {UID(sop_class).name}"
+    modality = str(row.get("Modality") or "").strip().upper()
+    if modality in BURNED_IN_MODALITIES:
+        return f"modality {modality}"
+    image_type = row.get("ImageType")
+    values = image_type if isinstance(image_type, list) else str(image_type or "").split("\\")
+    if any(str(v).strip().upper() == "SCREEN SAVE" for v in values):
+        return "ImageType SCREEN SAVE"
+    return None
+
+
+def plan_series(
+    index: Index, selection: SelectionFile, *, allow_burned_in: bool = False
+) -> tuple[list[SeriesJob], list[str], list[Exclusion]]:
+    """The selection's series as jobs (selection order), the UIDs the index lacks, and the
+    instances left out as possibly showing burned-in text (unless ``allow_burned_in``).
+
+    A series all of whose instances are left out has no job."""
     wanted = pl.Series("SeriesInstanceUID", selection.series, dtype=pl.String)
     instances = index.instances
     names = set(instances.collect_schema().names())
@@ -176,7 +282,7 @@ def plan_series(index: Index, selection: SelectionFile) -> tuple[list[SeriesJob]
         for c in ("Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated")
         if c in names
     ]
-    attributes = [c for c in _SERIES_ATTRIBUTES if c in names]
+    attributes = [c for c in SERIES_ATTRIBUTES if c in names]
     frame = (
         instances.filter(pl.col("SeriesInstanceUID").is_in(wanted.implode()))
         .select(
@@ -190,6 +296,7 @@ def plan_series(index: Index, selection: SelectionFile) -> tuple[list[SeriesJob]
             *size_columns,
             *attributes,
             *(["InstanceNumber"] if "InstanceNumber" in names else []),
+            *[c for c in ("BurnedInAnnotation", "SOPClassUID", "ImageType") if c in names],
         )
         .collect()
     )
@@ -198,11 +305,24 @@ def plan_series(index: Index, selection: SelectionFile) -> tuple[list[SeriesJob]
         by_series.setdefault(row["SeriesInstanceUID"], []).append(row)
     jobs: list[SeriesJob] = []
     missing: list[str] = []
+    exclusions: list[Exclusion] = []
     for uid in selection.series:
         rows = by_series.get(uid)
         if not rows:
             missing.append(uid)
             continue
+        if not allow_burned_in:
+            reasons = [burned_in_reason(r) for r in rows]
+            flagged = [r for r in reasons if r is not None]
+            if flagged:
+                exclusions.append(
+                    Exclusion(
+                        uid, len(flagged), len(rows), f"possible burned-in text: {flagged[0]}"
+                    )
+                )
+                rows = [r for r, why in zip(rows, reasons, strict=True) if why is None]
+                if not rows:
+                    continue
         rows.sort(key=lambda r: (r.get("InstanceNumber") is None, r.get("InstanceNumber") or 0))
         first = rows[0]
         jobs.append(
@@ -224,7 +344,7 @@ def plan_series(index: Index, selection: SelectionFile) -> tuple[list[SeriesJob]
                 decoded_bytes=sum(_decoded_bytes(r) for r in rows),
             )
         )
-    return jobs, missing
+    return jobs, missing, exclusions
 
 
 def _decoded_bytes(row: dict[str, Any]) -> int:

@@ -34,9 +34,10 @@ import pyarrow.parquet as pq
 
 from imgindex.deid import Deidentifier
 from imgindex.errors import ConfigError
-from imgindex.export.convert import EXPORT_FORMAT, Converted, ConvertOptions, convert_series
+from imgindex.export.convert import EXPORT_FORMAT, Converted, ConvertOptions, write_series
+from imgindex.export.dicom import DicomStore, series_key, write_dicom_manifest
 from imgindex.export.fetch import FetchOptions, close_clients, fetch_series, is_transient
-from imgindex.export.plan import SeriesJob, plan_series, read_selection_file
+from imgindex.export.plan import Exclusion, SeriesJob, plan_series, read_selection_file
 from imgindex.index import Index
 from imgindex.schema import TRANSFER_SCHEMA
 from storage import ArrayStore, Pipeline, Retry, Stage, TransferMetrics, Work, run_on_dask
@@ -48,13 +49,18 @@ if TYPE_CHECKING:
 
     from prometheus_client import CollectorRegistry
 
+    from imgindex.deid.emr import EmrExport
     from storage import Outcome, Progress, Table
 
-__all__ = ["ExportProgress", "ExportSummary", "export", "read_manifest"]
+__all__ = ["FORMATS", "ExportProgress", "ExportSummary", "export", "read_manifest"]
 
 logger = logging.getLogger(__name__)
 
 MANIFEST: Final = "manifest.parquet"
+#: Output formats: one Zarr v3 store of arrays, or a folder of de-identified DICOM files.
+FORMATS: Final = ("zarr", "dicom")
+#: Where ``--with-emr`` writes the EMR rows, inside the output.
+EMR_FOLDER: Final = "emr"
 _LEDGER_EVERY_S: Final = 2.0
 _LEDGER_EVERY_ROWS: Final = 256
 
@@ -66,7 +72,9 @@ class ExportSummary:
     Attributes
     ----------
     out : Path
-        The Zarr store.
+        The Zarr store, or the DICOM folder.
+    format : str
+        ``zarr`` or ``dicom``.
     selected : int
         Series in the selection.
     complete, failed, skipped : int
@@ -76,7 +84,11 @@ class ExportSummary:
     failures : list of Converted
         Every series not complete in this run (failed or skipped), with the reason.
     arrays : int
-        Arrays in the store (the manifest's rows).
+        Arrays in the store, or series folders of a DICOM export (the manifest's rows).
+    excluded : list of Exclusion
+        Series with instances left out as possibly showing burned-in text.
+    emr : EmrExport, optional
+        What ``with_emr`` wrote.
     bytes_in, bytes_out : int
         DICOM bytes fetched, and bytes written to the store, in this run.
     seconds : float
@@ -84,6 +96,7 @@ class ExportSummary:
     """
 
     out: Path
+    format: str = "zarr"
     selected: int = 0
     complete: int = 0
     failed: int = 0
@@ -95,6 +108,8 @@ class ExportSummary:
     bytes_out: int = 0
     seconds: float = 0.0
     cancelled: bool = False
+    excluded: list[Exclusion] = field(default_factory=list)
+    emr: EmrExport | None = None
 
     @property
     def ok(self) -> bool:
@@ -118,8 +133,27 @@ class ExportSummary:
                 f"written, in {self.seconds:.1f} s ({self.mb_per_s:,.1f} MB/s, "
                 f"{self.mb_per_s * 86_400 / 1e6:.2f} TB/day)"
             ),
-            f"{self.arrays} arrays in {self.out}",
+            f"{self.arrays} {'arrays' if self.format == 'zarr' else 'series folders'} in {self.out}",
         ]
+        if self.excluded:
+            lines.append(
+                "left out as possibly showing burned-in text (--allow-burned-in to include them):"
+            )
+            lines.extend(
+                f"  {e.series_uid}: {e.excluded} of {e.of} instances ({e.reason})"
+                + ("" if e.excluded < e.of else ", so the whole series")
+                for e in self.excluded
+            )
+        if self.emr is not None:
+            tables = ", ".join(f"{name} {rows:,}" for name, rows in self.emr.tables.items())
+            lines.append(
+                f"EMR rows of {self.emr.persons} persons in {self.out / EMR_FOLDER}: {tables or 'none'}"
+            )
+            if self.emr.unlinked_person_ids:
+                lines.append(
+                    f"  {len(self.emr.unlinked_person_ids)} selected persons have no PatientID "
+                    "link, so no date shift to share with images: their EMR rows were not written"
+                )
         if self.cancelled:
             lines.append("stopped before the end: run the same command again to resume")
         if self.failures:
@@ -196,7 +230,7 @@ def _ledger(root: Path) -> Table:
     return Index(root).table("transfers")
 
 
-def _done_before(root: Path, out: str, store: ArrayStore) -> set[str]:
+def _done_before(root: Path, out: str, store: ArrayStore | DicomStore) -> set[str]:
     """Series this store holds complete from an earlier run (ledger and arrays agree)."""
     table = _ledger(root)
     if not table.exists:
@@ -287,6 +321,9 @@ def export(
     scheduler: str | None = None,
     fetch: FetchOptions | None = None,
     deid: Deidentifier | None = None,
+    format: str = "zarr",
+    with_emr: bool = False,
+    allow_burned_in: bool = False,
     registry: CollectorRegistry | None = None,
     on_progress: Callable[[ExportProgress], None] | None = None,
     stop: threading.Event | None = None,
@@ -320,7 +357,16 @@ def export(
     fetch : FetchOptions, optional
         DICOMweb credentials and timeouts.
     deid : Deidentifier, optional
-        The pseudonym key (default: the catalog's own, :meth:`Deidentifier.for_root`).
+        The key and profile options (default: the catalog's own key,
+        :meth:`Deidentifier.for_root`, with every option).
+    format : str
+        ``zarr`` (arrays) or ``dicom`` (de-identified DICOM files), see :data:`FORMATS`.
+    with_emr : bool
+        Also write the selected persons' OMOP rows under ``OUT/emr`` with the same pseudonyms
+        and date shifts (:func:`imgindex.deid.emr.export_emr`).
+    allow_burned_in : bool
+        Export instances that may show burned-in text too (by default they are left out
+        and listed, see :func:`imgindex.export.plan.burned_in_reason`).
     registry : prometheus_client.CollectorRegistry, optional
         Where the transfer metrics go (``imgindex_export_*``).
     on_progress : callable, optional
@@ -340,6 +386,8 @@ def export(
     root, out_path = Path(root), Path(out).resolve()
     if max_inflight_mb < 1:
         raise ConfigError(f"--max-inflight-mb must be at least 1, not {max_inflight_mb}")
+    if format not in FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, not {format!r}")
     workers = workers or os.cpu_count() or 1
     if workers < 1 or fetch_threads < 1:
         raise ConfigError("--workers and fetch threads must be at least 1")
@@ -347,24 +395,37 @@ def export(
     index = Index(root)
     instances_version = index.table("instances").version()
     deid = deid or Deidentifier.for_root(root)
-    jobs, not_in_index = plan_series(index, selection_file)
-    group_attributes = deid.attributes(
-        {
-            "export_format": EXPORT_FORMAT,
-            "cohort_sha256": selection_file.cohort_sha256,
-            "index_version": instances_version,
-        }
+    jobs, not_in_index, exclusions = plan_series(
+        index, selection_file, allow_burned_in=allow_burned_in
     )
-    store = ArrayStore(out_path, attributes=group_attributes)
+    store: ArrayStore | DicomStore
+    if format == "zarr":
+        group_attributes = deid.attributes(
+            {
+                "export_format": EXPORT_FORMAT,
+                "cohort_sha256": selection_file.cohort_sha256,
+                "index_version": instances_version,
+            }
+        )
+        store = ArrayStore(out_path, attributes=group_attributes)
+    else:
+        out_path.mkdir(parents=True, exist_ok=True)
+        store = DicomStore(out_path)
     if removed := store.clean_partial():
-        logger.info("removed %d partial arrays of an earlier run", removed)
+        logger.info("removed %d partial series of an earlier run", removed)
     out_key = str(out_path)
     done = _done_before(root, out_key, store)
     # Largest first: the series converting alone at the end of the run is then a small one.
     todo = sorted(
         (job for job in jobs if job.series_uid not in done), key=lambda j: -j.memory_bytes
     )
-    summary = ExportSummary(out=out_path, selected=len(selection_file.series), already=len(done))
+    summary = ExportSummary(
+        out=out_path,
+        format=format,
+        selected=len(selection_file.series),
+        already=len(done),
+        excluded=exclusions,
+    )
     ledger = _LedgerWriter(root, out_key)
     for uid in not_in_index:
         missing = Converted(
@@ -379,6 +440,9 @@ def export(
     convert_options = ConvertOptions(
         store=str(out_path),
         deid_key=deid.key,
+        format=format,
+        deid_options=deid.options,
+        deid_enabled=deid.enabled,
         compressor=compressor,
         chunks=tuple(chunks) if chunks else None,
         split=split_stacks,
@@ -395,7 +459,7 @@ def export(
         ),
         Stage(
             "convert",
-            functools.partial(convert_series, options=convert_options),
+            functools.partial(write_series, options=convert_options),
             workers=workers,
             processes=True,
         ),
@@ -468,9 +532,35 @@ def export(
     finally:
         ledger.flush()
         close_clients()
-    summary.arrays = write_manifest(store, deid)
+    if isinstance(store, ArrayStore):
+        summary.arrays = write_manifest(store, deid)
+    else:
+        labels = {
+            series_key(deid, job.patient_id, job.study_uid or "", job.series_uid): job.labels
+            for job in jobs
+        }
+        summary.arrays = write_dicom_manifest(out_path, deid, labels, MANIFEST)
+    if with_emr and not summary.cancelled:
+        summary.emr = _export_emr(root, out_path / EMR_FOLDER, jobs, deid)
     summary.seconds = time.perf_counter() - began
     return summary
+
+
+def _export_emr(root: Path, out: Path, jobs: Sequence[SeriesJob], deid: Deidentifier) -> EmrExport:
+    """The EMR rows of the export's persons: those the selection names (``person_id``) and
+    those linked to its PatientIDs."""
+    from imgindex.deid.emr import export_emr, persons_for
+    from imgindex.emr import Emr
+
+    emr = Emr(root)
+    if not emr.has("person"):
+        raise ConfigError(
+            f"--with-emr: {root} has no EMR; import one first: imgindex emr import SOURCE --root {root}"
+        )
+    person_ids = {int(p) for job in jobs if (p := job.labels.get("person_id")) is not None}
+    patient_ids = {job.patient_id for job in jobs if job.patient_id}
+    persons = persons_for(emr, patient_ids=patient_ids, person_ids=person_ids)
+    return export_emr(emr, persons, out, deid if deid.enabled else None, person_ids=person_ids)
 
 
 def write_manifest(store: ArrayStore, deid: Deidentifier) -> int:

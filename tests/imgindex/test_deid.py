@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import stat
 from typing import TYPE_CHECKING
 
 import pytest
 
-from imgindex.deid import Deidentifier
+from imgindex.deid import Deidentifier, ProfileOptions
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -40,9 +41,21 @@ def test_gate_keeps_safe_pseudonymizes_ids_and_drops_the_rest() -> None:
         "PatientID",
         "person_id",
         "SeriesInstanceUID",
+        "StudyDate",
+        "SeriesDescription",
         "coronary_procedure_days",
         "coronary_procedure_count",
     }
+    # Retain Longitudinal Temporal Information with Modified Dates: shifted, not removed.
+    shifted = dt.date(2023, 10, 1) + dt.timedelta(days=deid.shift_days("PAT-001"))
+    assert out["StudyDate"] == shifted.isoformat()
+    # Clean Descriptors: kept without the name.
+    assert out["SeriesDescription"] == "CHEST"
+    # The Basic Profile alone removes both.
+    basic = Deidentifier(KEY, ProfileOptions.parse("none")).attributes(
+        {"PatientID": "PAT-001", "StudyDate": "20231001", "SeriesDescription": "CHEST"}
+    )
+    assert set(basic) == {"PatientID"}
     assert out["PatientID"] != "PAT-001"
     assert len(out["PatientID"]) == 24
     assert out["SeriesInstanceUID"].startswith("2.25.")
