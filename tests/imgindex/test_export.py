@@ -4,8 +4,6 @@ resumable, failures recorded, memory bounded, the same through Dask."""
 from __future__ import annotations
 
 import datetime as dt
-
-import json
 import os
 import signal
 import subprocess
