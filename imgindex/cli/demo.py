@@ -153,16 +153,26 @@ def run(args: argparse.Namespace) -> int:
 def _export(selection: Path, root: Path, progress: bool) -> Path:
     """Export the example cohort's series to Zarr, and say how to open them."""
     from imgindex.cli.export import _Bar, format_summary
+    from imgindex.deid import Deidentifier
     from imgindex.export import export
 
     out = root / "exports" / "mi_cad_ct.zarr"
     print(
-        "\n7. the cohort's series, de-identified, as one Zarr array per series:\n"
-        f"   imgindex export {selection} --root {root} --out {out}"
+        "\n7. the cohort's series, de-identified (DICOM PS3.15 Basic Profile, dates shifted per "
+        "patient, descriptions cleaned), as one Zarr array per series, with the persons' EMR "
+        "rows under the same pseudonyms:\n"
+        f"   imgindex export {selection} --root {root} --out {out} --with-emr"
     )
+    key = root / "secrets" / "deid.key"
+    if not key.is_file():
+        print(
+            f"   made a demo de-identification key: {key} (pseudonyms and date shifts derive "
+            "from it; for real data make your own and pass it with --deid-key-file)"
+        )
+    deid = Deidentifier.for_root(root)
     bar = _Bar(progress)
     try:
-        summary = export(selection, root, out, on_progress=bar)
+        summary = export(selection, root, out, deid=deid, with_emr=True, on_progress=bar)
     finally:
         bar.close()
     print("   " + format_summary(summary).replace("\n", "\n   "))

@@ -167,6 +167,12 @@ def test_demo_runs_in_a_fresh_root(tmp_path: Path) -> None:
     manifest = pq.read_table(root / "exports" / "mi_cad_ct.zarr" / "manifest.parquet")
     assert manifest.num_rows == table.num_rows
     assert "zarr.open_array(" in proc.stdout
+    # De-identified by default, with a demo key the demo made and said it made; the EMR rows
+    # travel with the arrays.
+    assert f"made a demo de-identification key: {root / 'secrets' / 'deid.key'}" in proc.stdout
+    assert (root / "secrets" / "deid.key").is_file()
+    assert "EMR rows of" in proc.stdout
+    assert (root / "exports" / "mi_cad_ct.zarr" / "emr" / "person.parquet").is_file()
 
 
 @pytest.mark.peers
