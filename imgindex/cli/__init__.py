@@ -7,7 +7,18 @@ import logging
 import sys
 from typing import TYPE_CHECKING
 
-from imgindex.cli import cohort, crawl, deid_check, demo, emr, export, index_files, listen, sql
+from imgindex.cli import (
+    cohort,
+    crawl,
+    deid_check,
+    demo,
+    emr,
+    export,
+    index_files,
+    listen,
+    optimize,
+    sql,
+)
 from imgindex.errors import ImgindexError
 from storage.errors import StorageError
 
@@ -18,7 +29,7 @@ __all__ = ["build_parser", "main"]
 
 logger = logging.getLogger("imgindex")
 
-_COMMANDS = (index_files, listen, crawl, sql, emr, cohort, export, demo, deid_check)
+_COMMANDS = (index_files, listen, crawl, sql, optimize, emr, cohort, export, deid_check, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,6 +21,7 @@ from _deid_helpers import PLANTED, STUDY_DATES, write_planted
 from _export_helpers import index_folder, write_selection, write_series
 from pydicom import config as dicom_config
 from pydicom.multival import MultiValue
+from pydicom.uid import UID
 from pydicom.valuerep import validate_value
 
 from imgindex.deid import Deidentifier
@@ -297,7 +298,7 @@ def test_burned_in_instances_are_left_out_and_listed(tmp_path: Path) -> None:
     plain = make_series(9302, "CT", 3, 16, 16)
     capture = make_series(9303, "CT", 3, 16, 16)
     for ds in capture:  # a screenshot: Secondary Capture Image Storage
-        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.7")
     for datasets in (burned, plain, capture):
         write_series(tmp_path / "in", datasets)
     index_folder(tmp_path / "in", root)
