@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple
 import polars as pl
 
 from imgindex.deid.keys import Deidentifier
+from imgindex.deid.profile import fold
 from imgindex.emr.omop import TABLE_SPECS
 from imgindex.emr.tables import Emr
 from imgindex.errors import ConfigError, EmrError
@@ -122,10 +123,6 @@ _DATE_IN_TEXT = re.compile(
     r"(?![\d.])"
 )
 _SECTION = re.compile(r"[\^= ]+")
-#: Letters NFKD does not decompose into a base letter and an accent.
-_TRANSLIT: Final = str.maketrans(
-    {"ø": "o", "đ": "d", "ł": "l", "ħ": "h", "\u0131": "i", "æ": "ae", "œ": "oe", "þ": "th"}
-)
 _MAX_PARQUET_CELL = 4096
 
 
@@ -246,9 +243,8 @@ class _Text:
     links: frozenset[str] = frozenset()
 
 
-def _fold(word: str) -> str:
-    decomposed = unicodedata.normalize("NFKD", word.casefold())
-    return "".join(c for c in decomposed if not unicodedata.combining(c)).translate(_TRANSLIT)
+#: Names are compared as :func:`imgindex.deid.profile.fold` makes them, as cleaning does.
+_fold = fold
 
 
 def _words(text: str) -> tuple[str, list[tuple[str, int, int]]]:

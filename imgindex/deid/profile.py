@@ -267,7 +267,8 @@ def _read_safe_private(path: Path) -> tuple[tuple[str, int, int], ...]:
 
 _FOLD_LETTERS: Final = str.maketrans(
     {"ø": "o", "Ø": "o", "ł": "l", "Ł": "l", "đ": "d", "Đ": "d", "ð": "d", "Ð": "d",
-     "ß": "ss", "æ": "ae", "Æ": "ae", "œ": "oe", "Œ": "oe", "þ": "th", "Þ": "th", "\u0131": "i"}
+     "ß": "ss", "æ": "ae", "Æ": "ae", "œ": "oe", "Œ": "oe", "þ": "th", "Þ": "th", "\u0131": "i",
+     "ħ": "h", "Ħ": "h"}
 )  # fmt: skip
 _WORD: Final = re.compile(r"(\w+)")
 _NAME_SPLIT: Final = re.compile(r"[\^=,\s\-']+")
