@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import argparse
     from collections.abc import Sequence
 
+    from imgindex.deid import Deidentifier
     from imgindex.listener.send import SendSummary
     from imgindex.schema import Attribute
 
@@ -178,7 +179,23 @@ def _export(selection: Path, root: Path, progress: bool) -> Path:
     print("   " + format_summary(summary).replace("\n", "\n   "))
     if not summary.ok:
         raise ImgindexError("the demo's export did not complete; see the list above")
+    _check(out, root, deid)
     return out
+
+
+def _check(out: Path, root: Path, deid: Deidentifier) -> None:
+    """Scan the export for identifying values, as a researcher would before sharing it."""
+    from imgindex.cli.deid_check import format_report
+    from imgindex.deid.check import check_export
+
+    print(
+        "\n8. anything identifying left in the export? (names, IDs, UIDs of the index, dates "
+        f"not shifted):\n   imgindex deid-check {out} --root {root}"
+    )
+    report = check_export(out, root, deid=deid)
+    print("   " + format_report(report).replace("\n", "\n   "))
+    if not report.ok:
+        raise ImgindexError("the demo's export holds identifying values; see the list above")
 
 
 def _cohorts_folder() -> Path:

@@ -175,6 +175,9 @@ def test_demo_runs_in_a_fresh_root(tmp_path: Path) -> None:
     assert (root / "secrets" / "deid.key").is_file()
     assert "EMR rows of" in proc.stdout
     assert (root / "exports" / "mi_cad_ct.zarr" / "emr" / "person.parquet").is_file()
+    # ... and checked: nothing identifying left.
+    assert "8. anything identifying left in the export?" in proc.stdout
+    assert "no findings" in proc.stdout
 
 
 @pytest.mark.peers
