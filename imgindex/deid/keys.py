@@ -98,6 +98,8 @@ PSEUDONYMIZED: Final[Mapping[str, str]] = {
 
 #: Numeric cohort labels a selection carries (docs/cohorts.md): counts and day intervals.
 _LABEL = re.compile(r"(?:.+_count|.+_days|days_from_index)")
+#: Date cohort labels (``entry_date``): shifted by the patient's offset, as DICOM dates are.
+_DATE_LABEL = re.compile(r"[a-z0-9_]+_date")
 _DA: Final = re.compile(r"\d{8}")
 _ISO_DATE: Final = re.compile(r"\d{4}-\d{2}-\d{2}")
 _TIME: Final = re.compile(r"\d{2}(?::?\d{2}(?::?\d{2}(?:\.\d{1,6})?)?)?")
@@ -215,7 +217,7 @@ class Deidentifier:
 
         - imgindex's own safe names (:data:`SAFE_ATTRIBUTES`) as they are;
         - identifiers (:data:`PSEUDONYMIZED`) as keyed pseudonyms;
-        - numeric cohort labels as they are;
+        - numeric cohort labels as they are, date labels (``*_date``) shifted;
         - DICOM attributes by the profile: kept (``K``, or not in the table), UIDs replaced
           (``U``), dates shifted and descriptions cleaned (``C``), the rest dropped;
         - anything else dropped.
@@ -243,6 +245,11 @@ class Deidentifier:
             elif _LABEL.fullmatch(name):
                 if _is_number(value):
                     out[name] = value
+            elif _DATE_LABEL.fullmatch(name):
+                if pseudonymized and isinstance(value, str) and _ISO_DATE.fullmatch(value):
+                    out[name] = value
+                elif isinstance(value, dt.date) and patient_id is not None:
+                    out[name] = _jsonable(self.shift_date(value, patient_id))
             elif not _is_keyword(name):
                 continue
             elif pseudonymized or value is None:

@@ -48,7 +48,7 @@ def test_gate_keeps_safe_pseudonymizes_ids_and_drops_the_rest() -> None:
             "AccessionNumber": "ACC1",
             "coronary_procedure_days": 9,
             "coronary_procedure_count": 1,
-            "entry_date": "2023-10-01",
+            "entry_date": dt.date(2023, 10, 1),
             "note_count": "free text",
         }
     )
@@ -62,10 +62,12 @@ def test_gate_keeps_safe_pseudonymizes_ids_and_drops_the_rest() -> None:
         "SeriesDescription",
         "coronary_procedure_days",
         "coronary_procedure_count",
+        "entry_date",
     }
     # Retain Longitudinal Temporal Information with Modified Dates: shifted, not removed.
     shifted = dt.date(2023, 10, 1) + dt.timedelta(days=deid.shift_days("PAT-001"))
     assert out["StudyDate"] == shifted.isoformat()
+    assert out["entry_date"] == shifted.isoformat()  # a cohort's date label moves alike
     # Clean Descriptors: kept without the name.
     assert out["SeriesDescription"] == "CHEST"
     # The Basic Profile alone removes both.
