@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
+import pydicom
 import pytest
 import zarr
 from _export_helpers import reference_volume, write_selection, write_set
@@ -58,6 +59,26 @@ def test_export_through_wado_rs_is_voxel_exact(tmp_path: Path, orthanc: Orthanc)
     for series in written:
         assert by_uid[series.uid]["bytes_in"] == sum(f.stat().st_size for f in series.files)
     assert read_manifest(out).height == len(written)
+    # The same series as de-identified DICOM: the stored bytes from WADO-RS, pixel data and
+    # transfer syntax untouched.
+    dicom_out = tmp_path / "dicom-out"
+    summary = export(selection, root, dicom_out, workers=2, format="dicom")
+    assert summary.ok, summary.describe()
+    originals = {
+        deid.uid(str(ds.SOPInstanceUID)): ds
+        for series in written
+        for path in series.files
+        for ds in [pydicom.dcmread(path)]
+    }
+    files = sorted(dicom_out.rglob("*.dcm"))
+    assert len(files) == len(originals)
+    for path in files:
+        ds = pydicom.dcmread(path)
+        source = originals[ds.SOPInstanceUID]
+        assert ds.PixelData == source.PixelData
+        assert ds.file_meta.TransferSyntaxUID == source.file_meta.TransferSyntaxUID
+        assert ds.PatientID == deid.token("PatientID", source.PatientID)
+        assert ds.PatientIdentityRemoved == "YES"
 
 
 def test_a_series_gone_from_the_server_fails_and_the_others_complete(
