@@ -25,6 +25,7 @@ if TYPE_CHECKING:
         TableNotFoundError,
     )
     from storage.objects import LocalObjectStore, ObjectStore, validate_key
+    from storage.reader import ArrayReader, StoreLocation, StoreReader, open_location
     from storage.tables import Table
     from storage.transfer import (
         Outcome,
@@ -53,6 +54,10 @@ _MODULES: dict[str, str] = {
     "LocalObjectStore": "objects",
     "ObjectStore": "objects",
     "validate_key": "objects",
+    "ArrayReader": "reader",
+    "StoreLocation": "reader",
+    "StoreReader": "reader",
+    "open_location": "reader",
     "Table": "tables",
     "Outcome": "transfer",
     "Pipeline": "transfer",
@@ -69,6 +74,7 @@ _MODULES: dict[str, str] = {
 __all__ = [
     "COMPRESSORS",
     "ArrayInfo",
+    "ArrayReader",
     "ArrayStore",
     "ConflictError",
     "LocalObjectStore",
@@ -81,6 +87,8 @@ __all__ = [
     "RunSummary",
     "Stage",
     "StorageError",
+    "StoreLocation",
+    "StoreReader",
     "Table",
     "TableNotFoundError",
     "TransferMetrics",
@@ -88,6 +96,7 @@ __all__ = [
     "WriteAheadLog",
     "default_chunks",
     "default_shards",
+    "open_location",
     "run_on_dask",
     "validate_key",
 ]
