@@ -14,6 +14,7 @@ EXPECTED: dict[str, set[str]] = {
     "storage": {
         "COMPRESSORS",
         "ArrayInfo",
+        "ArrayReader",
         "ArrayStore",
         "ConflictError",
         "LocalObjectStore",
@@ -26,6 +27,8 @@ EXPECTED: dict[str, set[str]] = {
         "RunSummary",
         "Stage",
         "StorageError",
+        "StoreLocation",
+        "StoreReader",
         "Table",
         "TableNotFoundError",
         "TransferMetrics",
@@ -33,6 +36,7 @@ EXPECTED: dict[str, set[str]] = {
         "WriteAheadLog",
         "default_chunks",
         "default_shards",
+        "open_location",
         "run_on_dask",
         "validate_key",
     },
@@ -144,6 +148,13 @@ EXPECTED: dict[str, set[str]] = {
         "reject_row",
     },
     "imgindex.index": {"TABLE_NAMES", "Index", "IndexWriter"},
+    "imgindex.datasets": {"SAMPLES", "EpochSampler", "SeriesDataset"},
+    "storage.reader": {
+        "ArrayReader",
+        "StoreLocation",
+        "StoreReader",
+        "open_location",
+    },
     "imgindex.deid": {
         "PSEUDONYMIZED",
         "SAFE_ATTRIBUTES",
