@@ -30,6 +30,7 @@ Example::
 
 from __future__ import annotations
 
+import bisect
 import io
 import math
 import os
@@ -60,6 +61,15 @@ _DESCRIPTION: Final = frozenset(
 )
 #: Readers a worker keeps open (each holds a shard index or two).
 _READERS_KEPT: Final = 256
+_MASK64: Final = (1 << 64) - 1
+
+
+def _mix(value: int) -> int:
+    """SplitMix64's finaliser: a well-spread 64-bit hash of ``value`` (cheap in Python)."""
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
 
 
 @dataclass(frozen=True)
@@ -147,6 +157,11 @@ class SeriesDataset:
         self.seed = seed
         self.epoch = 0
         manifest = _read_manifest(StoreReader(self.location), export)
+        if "shape" not in manifest.columns:
+            raise ConfigError(
+                f"{export}: not an export of arrays (its manifest has no shape: an "
+                "`imgindex export --format dicom` folder?); datasets read Zarr exports"
+            )
         if where is not None:
             manifest = manifest.filter(where)
         self.label_columns = _label_columns(manifest, labels, export)
@@ -157,6 +172,8 @@ class SeriesDataset:
                 raise ConfigError(f"patch_size {self.patch_size} does not fit (z, y, x) arrays")
         #: Cumulative slices, for slice sampling: item i is in array searchsorted(ends, i).
         self._ends = np.cumsum([a.shape[0] for a in self.arrays], dtype=np.int64)
+        self._slice_ends = [int(e) for e in self._ends]  # for bisect: quicker per item
+        self._length = self._count()
         self._open: dict[str, ArrayReader] = {}
         self._store: StoreReader | None = None
         self._pid = os.getpid()
@@ -168,6 +185,9 @@ class SeriesDataset:
         )
 
     def __len__(self) -> int:
+        return self._length
+
+    def _count(self) -> int:
         if self.sample == "slice":
             return int(self._ends[-1]) if len(self._ends) else 0
         if self.sample == "patch":
@@ -192,16 +212,18 @@ class SeriesDataset:
         self.__dict__.update(state)
 
     def __getitem__(self, index: int) -> Any:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} items")
-        index %= len(self)
+        length = self._length
+        if not -length <= index < length:
+            raise IndexError(f"index {index} out of range for {length} items")
+        index = int(index) % length
         if self.sample == "volume":
             array = self.arrays[index]
             item = self._item(array, self._reader(array)[...], None)
         elif self.sample == "slice":
-            number = int(np.searchsorted(self._ends, index, side="right"))
+            ends = self._slice_ends
+            number = bisect.bisect_right(ends, index)
             array = self.arrays[number]
-            z = index - (int(self._ends[number - 1]) if number else 0)
+            z = index - (ends[number - 1] if number else 0)
             item = self._item(array, self._reader(array)[z], z)
             item["slice"] = z
         else:
@@ -233,10 +255,12 @@ class SeriesDataset:
         shape = array.shape
         if len(size) < len(shape):  # (z, y, x) patches of (z, y, x, c) arrays: all channels
             size = (*size, *shape[len(size) :])
-        rng = np.random.default_rng((self.seed, self.epoch, index))
+        # A hash of (seed, epoch, index, dimension): as reproducible as a seeded generator
+        # and some 30 times cheaper than making one per item (the modulo's bias is < 2**-40).
+        key = _mix(_mix(_mix(self.seed & _MASK64) ^ (self.epoch & _MASK64)) ^ index)
         offset = tuple(
-            int(rng.integers(0, n - s + 1)) if n > s else 0
-            for n, s in zip(shape, size, strict=True)
+            _mix(key + dim) % (n - s + 1) if n > s else 0
+            for dim, (n, s) in enumerate(zip(shape, size, strict=True))
         )
         box = tuple(slice(o, min(o + s, n)) for o, s, n in zip(offset, size, shape, strict=True))
         image = self._reader(array)[box]

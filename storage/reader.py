@@ -22,7 +22,12 @@ The read path of ``ArrayReader(store, key)[z0:z1, y0:y1, x0:x1]``:
    range with a destination is one copy into the output array, as ``numpy.memmap``
    does) or read with ``os.preadv`` on a cached descriptor, one system call per run of
    adjacent chunks, straight into the output (``local_io="pread"``). An uncompressed
-   one-slice read is one ranged read into the array returned, no other copy. Remotely,
+   one-slice read is one ranged read into the array returned, no other copy. A raw shard
+   whose index says its chunks lie back to back in C order (how ArrayStore writes them),
+   in a mapped local store, is viewed as one numpy array of its mapping and a selection
+   copied from it in one strided copy (per run of chunks for tiled chunks), as from a
+   ``numpy.memmap``, with no per-chunk work (a :class:`StoreReader` subclass overriding
+   ``read_ranges`` still sees every range). Remotely,
    ``obstore.get_ranges``, which coalesces near ranges into few requests.
 5. Chunks are decoded with numcodecs (Blosc directly into the output when the chunk fills
    a contiguous part of it), and the needed part copied into the output. An empty chunk
@@ -323,6 +328,14 @@ class StoreReader:
         self.local_io = local_io
         self._maps: OrderedDict[str, memoryview] = OrderedDict()
         self._local = location.url if location.is_local else None
+        # ArrayReader may copy raw voxels straight from the mappings (:meth:`_mapping`):
+        # local files, mmap, and read_ranges not overridden (a subclass that counts, logs or
+        # caches reads sees every one).
+        self._maps_files = (
+            self._local is not None
+            and local_io == "mmap"
+            and type(self).read_ranges is StoreReader.read_ranges
+        )
         self._forks = -1
         self._fds: _FdCache | None = None
         self._store: ObjectStore | None = None
@@ -916,7 +929,22 @@ class ArrayReader:
             self._index_nbytes = 16 * math.prod(per) + 4
         self._forks = _FORKS[0]
         self._lock = threading.Lock()
-        self._indexes: OrderedDict[tuple[int, ...], _array[int]] = OrderedDict()
+        # shard -> its _ShardEntry (the index, and how to copy its raw voxels from a mapping)
+        self._indexes: OrderedDict[tuple[int, ...], _ShardEntry] = OrderedDict()
+        self._all_kept = [True] * len(self.shape)
+        # Raw shards of a mapped local store are copied as numpy slices of their mapping.
+        self._mapped = (
+            self.shard_shape is not None and self._compressor is None and self.store._maps_files
+        )
+        self._grid = tuple(-(-n // c) for n, c in zip(self.shape, self.chunk_shape, strict=True))
+        if self.shard_shape is not None:
+            # A shard in C order is one array of shard_shape when no dimension has both
+            # several chunks per shard and several voxels per chunk (ArrayStore's default:
+            # one-slice chunks in shards of whole slices).
+            self._plain = all(
+                c == 1 or p == 1 for c, p in zip(self.chunk_shape, self._per_shard, strict=True)
+            )
+            self._shard_chunk_strides = tuple(st * self._chunk_nbytes for st in self._index_strides)
 
     def __getstate__(self) -> dict[str, Any]:
         return {
@@ -993,6 +1021,11 @@ class ArrayReader:
             for shard in itertools.product(
                 *(range(f // p, g // p + 1) for f, g, p in zip(first, last, per, strict=True))
             ):
+                if self._mapped:
+                    view = self._mapped_view(shard)
+                    if view is not None:
+                        self._copy_mapped(view, shard, starts, stops, out)
+                        continue
                 positions = itertools.product(
                     *(
                         range(max(f, s * p), min(g, s * p + p - 1) + 1)
@@ -1005,6 +1038,19 @@ class ArrayReader:
     # -- selection -------------------------------------------------------------------------
 
     def _normalize(self, selection: Any) -> tuple[list[int], list[int], list[bool]]:
+        if type(selection) is tuple and len(selection) == len(self.shape):  # a box: quickly
+            starts: list[int] = []
+            stops: list[int] = []
+            for item, n in zip(selection, self.shape, strict=True):
+                if type(item) is not slice:
+                    break
+                start, stop, step = item.indices(n)
+                if step != 1:
+                    break
+                starts.append(start)
+                stops.append(max(start, stop))
+            else:
+                return starts, stops, self._all_kept
         items = selection if isinstance(selection, tuple) else (selection,)
         if any(item is Ellipsis for item in items):
             at = next(i for i, item in enumerate(items) if item is Ellipsis)
@@ -1018,8 +1064,8 @@ class ArrayReader:
                 f"too many indices for array {self._name}: {len(items)} for {len(self.shape)} "
                 "dimensions"
             )
-        starts: list[int] = []
-        stops: list[int] = []
+        starts = []
+        stops = []
         keep: list[bool] = []
         for dim, n in enumerate(self.shape):
             item = items[dim] if dim < len(items) else slice(None)
@@ -1086,14 +1132,19 @@ class ArrayReader:
 
     def _index(self, shard: tuple[int, ...], key: str) -> _array[int]:
         """The shard's index as ``[offset0, nbytes0, offset1, ...]``, checked and cached."""
+        return self._shard_index(shard, key).index
+
+    def _shard_index(self, shard: tuple[int, ...], key: str) -> _ShardEntry:
+        """The shard's index (see :meth:`_index`) and, for raw chunks stored back to back in
+        C order from one offset on (ArrayStore's layout), that offset."""
         if self._forks != _FORKS[0]:
             self._lock = threading.Lock()
             self._forks = _FORKS[0]
         with self._lock:
-            index = self._indexes.get(shard)
-            if index is not None:
+            entry = self._indexes.get(shard)
+            if entry is not None:
                 self._indexes.move_to_end(shard)
-                return index
+                return entry
         blob, size = self.store.read_suffix(key, self._index_nbytes)
         view = memoryview(blob).cast("B")
         if view.nbytes != self._index_nbytes:
@@ -1121,11 +1172,125 @@ class ArrayReader:
                     f"shard {key!r} of array {self._name} has a corrupt index: chunk "
                     f"{i // 2} at ({offset}, {nbytes}) is outside its {data_end} data bytes"
                 )
+        entry = _ShardEntry(index, self._regular_base(shard, index))
         with self._lock:
-            self._indexes[shard] = index
+            self._indexes[shard] = entry
             while len(self._indexes) > self.max_cached_indexes:
                 self._indexes.popitem(last=False)
-        return index
+        return entry
+
+    def _regular_base(self, shard: tuple[int, ...], index: _array[int]) -> int | None:
+        """The first chunk's offset if every chunk inside the array is raw, present and at
+        ``first + (its C-order number in the shard) * chunk bytes``: the shard is then one
+        C-order array of ``per + chunk_shape`` in the file (:meth:`_mapped_view`)."""
+        if self._compressor is not None or not index:
+            return None
+        pairs = np.frombuffer(index, dtype=np.uint64).reshape(-1, 2)
+        local = np.indices(self._per_shard).reshape(len(self._per_shard), -1)
+        inside = np.ones(local.shape[1], dtype=bool)
+        for d, (s, p, g) in enumerate(zip(shard, self._per_shard, self._grid, strict=True)):
+            inside &= local[d] + s * p < g
+        if not inside[0]:
+            return None
+        base = int(pairs[0, 0])
+        expected = base + np.arange(len(pairs), dtype=np.uint64) * np.uint64(self._chunk_nbytes)
+        if not (pairs[inside, 1] == self._chunk_nbytes).all():
+            return None
+        if not (pairs[inside, 0] == expected[inside]).all():
+            return None
+        return base
+
+    def _mapped_view(self, shard: tuple[int, ...]) -> npt.NDArray[Any] | None:
+        """A regular raw shard as a numpy view of its mapping (cached with its index):
+        shaped ``shard_shape`` (cut to the chunks inside the array) when the layout is plain,
+        ``per + chunk_shape`` otherwise; None for a shard that is not regular."""
+        key = self._shard_key(shard)
+        entry = self._shard_index(shard, key)
+        if entry.view is not None or entry.base is None:
+            return entry.view
+        per = self._per_shard
+        chunks = self.chunk_shape
+        inside = tuple(min(p, g - s * p) for s, p, g in zip(shard, per, self._grid, strict=True))
+        try:
+            view: npt.NDArray[Any] = np.ndarray(
+                (*inside, *chunks),
+                dtype=self.dtype,
+                buffer=self.store._mapping(key),
+                offset=entry.base,
+                strides=(*self._shard_chunk_strides, *self._chunk_byte_strides),
+            )
+        except (TypeError, ValueError) as exc:  # the file is shorter than its index says
+            raise StorageError(
+                f"shard {key!r} of array {self._name} is shorter than its index says: "
+                "truncated or replaced"
+            ) from exc
+        if self._plain:
+            ndim = len(chunks)
+            view = np.reshape(
+                view.transpose([i for d in range(ndim) for i in (d, ndim + d)]),
+                tuple(i * c for i, c in zip(inside, chunks, strict=True)),
+                copy=False,
+            )
+        entry.view = view
+        return view
+
+    def _copy_mapped(
+        self,
+        view: npt.NDArray[Any],
+        shard: tuple[int, ...],
+        starts: Sequence[int],
+        stops: Sequence[int],
+        out: npt.NDArray[Any],
+    ) -> None:
+        """The selection's part of a regular raw shard, copied from its mapping as numpy
+        copies from a ``memmap``, with no Python per chunk. A plain shard is sliced as it
+        is; otherwise each dimension's run of chunks (a partial first chunk, whole ones, a
+        partial last one: at most three) is copied in one strided assignment."""
+        assert self.shard_shape is not None
+        if self._plain:
+            src: list[slice] = []
+            dest: list[slice] = []
+            for s, sh, a, b in zip(shard, self.shard_shape, starts, stops, strict=True):
+                origin = s * sh
+                lo = max(a, origin)
+                hi = min(b, origin + sh)
+                src.append(slice(lo - origin, hi - origin))
+                dest.append(slice(lo - a, hi - a))
+            np.copyto(out[tuple(dest)], view[tuple(src)])
+            return
+        # Per dimension, the runs: (first chunk, end chunk, first in chunk, end in chunk, at)
+        # with ``at`` the position in ``out``.
+        chunks = self.chunk_shape
+        runs: list[list[tuple[int, int, int, int, int]]] = []
+        for s, sh, c, a, b in zip(shard, self.shard_shape, chunks, starts, stops, strict=True):
+            origin = s * sh
+            lo = max(a, origin) - origin
+            hi = min(b, origin + sh) - origin
+            at = origin + lo - a
+            p, q = lo // c, (hi - 1) // c
+            if p == q:
+                runs.append([(p, p + 1, lo - p * c, hi - p * c, at)])
+                continue
+            dim: list[tuple[int, int, int, int, int]] = []
+            if lo % c:
+                dim.append((p, p + 1, lo % c, c, at))
+                at += c - lo % c
+                p += 1
+            end = q + 1 if hi % c == 0 else q
+            if end > p:
+                dim.append((p, end, 0, c, at))
+                at += (end - p) * c
+            if hi % c:
+                dim.append((q, q + 1, 0, hi % c, at))
+            runs.append(dim)
+        ndim = len(chunks)
+        order = [i for d in range(ndim) for i in (d, ndim + d)]
+        for combo in itertools.product(*runs):
+            part = view[
+                tuple(slice(r[0], r[1]) for r in combo) + tuple(slice(r[2], r[3]) for r in combo)
+            ].transpose(order)
+            target = out[tuple(slice(r[4], r[4] + (r[1] - r[0]) * (r[3] - r[2])) for r in combo)]
+            np.copyto(np.reshape(target, part.shape, copy=False), part)
 
     def _read_slice(self, z: int) -> npt.NDArray[Any]:
         """``reader[z]`` when a chunk is one whole slice: one ranged read into the result."""
@@ -1290,6 +1455,15 @@ class ArrayReader:
             self._decoder.decode(blob, out=dest)
         except Exception as exc:
             raise StorageError(f"cannot decode a chunk of {self._name} in {key!r}") from exc
+
+
+@dataclass
+class _ShardEntry:
+    """A cached shard index, and how to copy the shard's raw voxels from its mapping."""
+
+    index: _array[int]
+    base: int | None  # offset of the first chunk of a regular raw shard, else None
+    view: npt.NDArray[Any] | None = None  # the regular shard viewed in its mapping
 
 
 class _Plan(NamedTuple):

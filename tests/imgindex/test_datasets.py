@@ -162,6 +162,13 @@ def test_where_labels_and_transform(exported: Path) -> None:
         SeriesDataset(exported, sample="voxel")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"manifest\.parquet"):
         SeriesDataset(exported / "nothing-here")
+    dicom_export = exported.parent / "as-dicom"
+    dicom_export.mkdir(exist_ok=True)
+    pl.DataFrame({"key": ["a/b/c"], "instances": [3]}).write_parquet(
+        dicom_export / "manifest.parquet"
+    )
+    with pytest.raises(ConfigError, match="not an export of arrays"):
+        SeriesDataset(dicom_export)
 
 
 def test_the_dataset_pickles_without_open_handles(exported: Path) -> None:

@@ -427,3 +427,36 @@ def test_json_errors(tmp_path: Path) -> None:
         store.read_json("list.json")
     with pytest.raises(StorageError, match="not JSON"):
         store.read_json("bad.json")
+
+
+@pytest.mark.parametrize(
+    ("shape", "chunks", "shard_bytes"),
+    [
+        ((37, 20, 24), None, 8 * 20 * 24 * 2),  # one-slice chunks: plain shards, a short last
+        ((13, 21, 18), (2, 8, 8), 2 * 8 * 8 * 2 * 6),  # tiles: runs of chunks per dimension
+        ((9, 16, 16), (3, 5, 7), 3 * 5 * 7 * 2 * 8),  # chunks overhanging every edge
+    ],
+)
+def test_raw_shards_are_copied_from_the_mapping(
+    tmp_path: Path, shape: tuple[int, ...], chunks: tuple[int, ...] | None, shard_bytes: int
+) -> None:
+    data = volume(shape, "int16", seed=3)
+    ArrayStore(tmp_path).write(
+        "ct", data, chunks=chunks, shard_bytes=shard_bytes, compressor="none"
+    )
+    mapped = ArrayReader(StoreReader(open_location(tmp_path)), "ct")
+    chunked = ArrayReader(StoreReader(open_location(tmp_path), local_io="pread"), "ct")
+    assert mapped._mapped
+    assert not chunked._mapped
+    rng = np.random.default_rng(11)
+    for _ in range(300):
+        box = tuple(
+            slice(int(a), int(a) + int(rng.integers(1, n - a + 1)))
+            for a, n in ((int(rng.integers(0, n)), n) for n in shape)
+        )
+        np.testing.assert_array_equal(mapped[box], data[box])
+        np.testing.assert_array_equal(chunked[box], data[box])
+    selections: list[Any] = [(), 0, (slice(None), 3), (-1, slice(2, 9), -2)]
+    for selection in selections:
+        np.testing.assert_array_equal(mapped[selection], data[selection])
+    assert all(entry.view is not None for entry in mapped._indexes.values())
