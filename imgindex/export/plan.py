@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from pydicom.uid import UID
 
 from imgindex.errors import ConfigError
+from imgindex.schema import DEFAULT_ATTRIBUTES, UID_KEYWORDS
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -52,37 +53,17 @@ _NOT_LABELS: Final = frozenset(
         "cohort_sha256",
     }
 )
-#: Patient, study and series attributes of the index offered to the arrays. Each goes through
-#: de-identification (:meth:`imgindex.deid.Deidentifier.attributes`), which drops, shifts or
-#: cleans the identifying ones; the names and IDs among them are what descriptions are
-#: cleaned of.
+#: Attributes of the index offered to the arrays: the patient, study and series levels of the
+#: index schema, and a few acquisition parameters (of the series' first instance). Each goes
+#: through de-identification (:meth:`imgindex.deid.Deidentifier.attributes`), which drops,
+#: shifts or cleans the identifying ones; the names and IDs among them are what descriptions
+#: are cleaned of. PatientID and the study's UID travel separately.
 SERIES_ATTRIBUTES: Final = (
-    "PatientName",
-    "PatientBirthDate",
-    "PatientSex",
-    "PatientAge",
-    "PatientSize",
-    "PatientWeight",
-    "StudyDate",
-    "StudyTime",
-    "StudyDescription",
-    "StudyID",
-    "AccessionNumber",
-    "ReferringPhysicianName",
-    "InstitutionName",
-    "SeriesNumber",
-    "SeriesDate",
-    "SeriesTime",
-    "Modality",
-    "SeriesDescription",
-    "BodyPartExamined",
-    "ProtocolName",
-    "Laterality",
-    "PatientPosition",
-    "Manufacturer",
-    "ManufacturerModelName",
-    "StationName",
-    "ContrastBolusAgent",
+    *(
+        a.keyword
+        for a in DEFAULT_ATTRIBUTES
+        if a.level != "instance" and a.keyword not in (*UID_KEYWORDS, "PatientID")
+    ),
     "KVP",
     "ConvolutionKernel",
     "MagneticFieldStrength",
