@@ -18,6 +18,7 @@ from imgindex.cli import (
     listen,
     optimize,
     sql,
+    status,
 )
 from imgindex.errors import ImgindexError
 from storage.errors import StorageError
@@ -29,7 +30,19 @@ __all__ = ["build_parser", "main"]
 
 logger = logging.getLogger("imgindex")
 
-_COMMANDS = (index_files, listen, crawl, sql, optimize, emr, cohort, export, deid_check, demo)
+_COMMANDS = (
+    index_files,
+    listen,
+    crawl,
+    sql,
+    optimize,
+    status,
+    emr,
+    cohort,
+    export,
+    deid_check,
+    demo,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

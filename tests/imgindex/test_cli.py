@@ -105,7 +105,16 @@ def test_sql_on_empty_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 def test_every_subcommand_has_help() -> None:
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert {"index-files", "listen", "sql", "optimize", "export", "deid-check", "demo"} <= set(
+    assert {
+        "index-files",
+        "listen",
+        "sql",
+        "optimize",
+        "status",
+        "export",
+        "deid-check",
+        "demo",
+    } <= set(
         sub.choices  # type: ignore[arg-type]
     )
     for name, command in sub.choices.items():  # type: ignore[union-attr]
