@@ -149,6 +149,7 @@ EXPECTED: dict[str, set[str]] = {
     },
     "imgindex.index": {"TABLE_NAMES", "Index", "IndexWriter"},
     "imgindex.datasets": {"SAMPLES", "EpochSampler", "SeriesDataset"},
+    "imgindex.web": {"qido_app"},
     "storage.reader": {
         "ArrayReader",
         "StoreLocation",
