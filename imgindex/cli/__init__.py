@@ -17,6 +17,7 @@ from imgindex.cli import (
     index_files,
     listen,
     optimize,
+    serve,
     sql,
     status,
 )
@@ -41,6 +42,7 @@ _COMMANDS = (
     cohort,
     export,
     deid_check,
+    serve,
     demo,
 )
 
