@@ -46,6 +46,15 @@ def add_parser(sub: Any) -> None:
     parser.add_argument(
         "--fresh", action="store_true", help="delete ROOT/demo-dicom first and generate anew"
     )
+    parser.add_argument(
+        "--serve",
+        action="store_true",
+        help="then leave the web app running on the demo data (imgindex serve), with a "
+        "researcher, a reviewer and an operator whose passwords it prints",
+    )
+    parser.add_argument(
+        "--port", type=int, default=8080, help="the web app's port with --serve (default 8080)"
+    )
     parser.set_defaults(run=run)
 
 
@@ -148,7 +157,28 @@ def run(args: argparse.Namespace) -> int:
         f"  - the arrays:       {exported}  (docs/export.md)\n"
         "  - the tables and columns: docs/index-tables.md"
     )
+    if args.serve:
+        _serve(root, args.port)
     return 0
+
+
+def _serve(root: Path, port: int) -> None:
+    """Demo users with fresh passwords, then the web app until Ctrl-C."""
+    import secrets
+
+    import uvicorn
+
+    from imgindex.web.accounts import ROLES, Accounts
+    from imgindex.web.app import create_app
+
+    accounts = Accounts(root)
+    print("\n9. the web app on the demo data (imgindex serve; Ctrl-C stops it), sign in as:")
+    for role in ROLES:
+        password = secrets.token_urlsafe(9)
+        accounts.add_user(role, role, password)
+        print(f"   {role:<10}  password {password}")
+    print(f"   http://127.0.0.1:{port}/", flush=True)
+    uvicorn.run(create_app(root), host="127.0.0.1", port=port, log_level="warning")
 
 
 def _export(selection: Path, root: Path, progress: bool) -> Path:

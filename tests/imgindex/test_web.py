@@ -5,8 +5,11 @@ a real browser (Debian's chromium through Playwright), with screenshots."""
 from __future__ import annotations
 
 import contextlib
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -278,3 +281,43 @@ def test_the_pages_in_a_browser(base_url: str, series_uid: str, browser: Browser
         screenshot(page, "operations")
     finally:
         context.close()
+
+
+def test_the_demo_leaves_the_app_running(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    demo = subprocess.Popen(
+        [IMGINDEX, "demo", "--root", str(tmp_path / "demo"), "--size-mb", "5", "--serve",
+         "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        assert demo.stdout is not None
+        passwords: dict[str, str] = {}
+        deadline = time.monotonic() + 240
+        for line in demo.stdout:
+            words = line.split()
+            if len(words) == 3 and words[0] in ROLES and words[1] == "password":
+                passwords[words[0]] = words[2]
+            if f"http://127.0.0.1:{port}/" in line or time.monotonic() > deadline:
+                break
+        assert set(passwords) == set(ROLES)
+        base = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=base, follow_redirects=False, timeout=30) as client:
+            for _ in range(100):  # the server starts right after the line
+                try:
+                    client.get("/login")
+                    break
+                except httpx.ConnectError:
+                    time.sleep(0.1)
+            done = client.post(
+                "/login", data={"user": "researcher", "password": passwords["researcher"]}
+            )
+            assert done.headers["location"] == "/explore"
+            assert "Series by modality" in client.get("/explore").text
+    finally:
+        demo.send_signal(signal.SIGINT)
+        demo.wait(timeout=30)
+        if demo.stdout is not None:
+            demo.stdout.close()
