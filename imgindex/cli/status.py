@@ -1,4 +1,5 @@
-"""``imgindex status --root ROOT``: the index, intake, backlog, crawls, exports and rejects."""
+"""``imgindex status --root ROOT``: the index, intake, throughput, backlog, crawls, exports,
+the transfer ledger and rejects."""
 
 from __future__ import annotations
 
@@ -15,13 +16,16 @@ def add_parser(sub: Any) -> None:
     """Register the subcommand."""
     parser = sub.add_parser(
         "status",
-        help="what operations watch: index size, intake, backlog, crawls, exports, rejects",
+        help="what operations watch: index size, intake, throughput, backlog, crawls, exports, "
+        "rejects",
         description="Print the index's size; the instances indexed in the last hour and day "
-        "by source; the listener's backlog (write-ahead log segments not yet checkpointed, "
-        "received files waiting for the indexer); each crawl's studies and series by status; "
-        "each export's series by outcome and throughput, and failures by reason; and files "
-        "and values refused, by reason. Reads the root only: safe while a listener, crawl or "
-        "export runs.",
+        "by source; the throughput of the listener, crawls, folder indexing and exports (MB/s "
+        "and instances/s over the last 5 minutes, hour and day; --json adds them per minute "
+        "and per hour); the listener's backlog (write-ahead log segments not yet "
+        "checkpointed, received files waiting for the indexer); each crawl's studies and "
+        "series by status; each export's series by outcome and throughput, failures by "
+        "reason, and the latest rows of the transfer ledger; and files and values refused, "
+        "by reason. Reads the root only: safe while a listener, crawl or export runs.",
     )
     add_root(parser)
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")

@@ -258,7 +258,10 @@ class _Pages:
             page = max(0, int(request.query_params.get("page", "0")))
         except ValueError:
             page = 0
-        figures = explore_figures(Index(self.root), q=q, page=page, page_size=_PAGE)
+        measure = request.query_params.get("measure", "series")
+        figures = explore_figures(
+            Index(self.root), q=q, page=page, page_size=_PAGE, measure=measure
+        )
         return self._render(request, "explore.html", q=q, page=page, **figures)
 
     async def series(self, request: Request) -> Response:
@@ -283,14 +286,9 @@ class _Pages:
         return Response(png, media_type="image/png", headers={"Cache-Control": "private"})
 
     async def operations(self, request: Request) -> Response:
-        from imgindex.status import collect_status
+        from imgindex.web.operations import operations_context
 
-        status = collect_status(self.root)
-        intake = [(r["source"] or "(unknown)", int(r["instances_24h"])) for r in status.intake]
-        failures = [(r["reason"], int(r["series"])) for r in status.export_failures]
-        return self._render(
-            request, "operations.html", status=status, intake=intake, failures=failures
-        )
+        return self._render(request, "operations.html", **operations_context(self.root))
 
     async def metrics(self, request: Request) -> Response:
         from imgindex.web.explore import metrics_text

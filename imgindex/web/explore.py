@@ -10,8 +10,11 @@ import numpy as np
 import polars as pl
 
 if TYPE_CHECKING:
+    import datetime as dt
     import os
     from collections.abc import Iterator
+
+    from prometheus_client.core import GaugeMetricFamily
 
     from imgindex.index import Index
 
@@ -21,12 +24,24 @@ __all__ = ["explore_figures", "metrics_text", "series_detail", "thumbnail_png"]
 _TOP: Final = 12
 _MONTHS: Final = 24
 _THUMBNAIL: Final = 256
+#: What the explore charts count: series, studies, patients, or megabytes of DICOM.
+MEASURES: Final = {
+    "series": pl.len(),
+    "studies": pl.col("StudyInstanceUID").n_unique(),
+    "patients": pl.col("PatientID").n_unique(),
+    "MB": pl.col("size_bytes").sum() / 1e6,
+}
+
+
+def _measure_text(measure: str, value: float) -> str:
+    return f"{value:,.1f} MB" if measure == "MB" else f"{int(value):,}"
 
 
 def explore_figures(
-    index: Index, *, q: str = "", page: int = 0, page_size: int = 50
+    index: Index, *, q: str = "", page: int = 0, page_size: int = 50, measure: str = "series"
 ) -> dict[str, Any]:
-    """Totals, charts (label, count) and one page of the series table matching ``q``
+    """Totals, charts (label, value, text) of ``measure`` (one of :data:`MEASURES`) by
+    modality, body part and month, and one page of the series table matching ``q``
     (case-insensitive, in Modality, BodyPartExamined or SeriesDescription)."""
     series = index.series
     totals = (
@@ -41,17 +56,22 @@ def explore_figures(
         .row(0, named=True)
     )
 
+    measured = MEASURES.get(measure, MEASURES["series"])
+
     def counts(
         column: pl.Expr, *, by_label: bool = False, top: int = _TOP
-    ) -> list[tuple[str, int]]:
+    ) -> list[tuple[str, float, str]]:
         frame = (
             series.group_by(column.alias("label"))
-            .agg(pl.len().alias("n"))
+            .agg(measured.alias("n"))
             .filter(pl.col("label").is_not_null())
             .sort("label" if by_label else "n", descending=not by_label)
             .collect()
         )
-        rows = [(str(label), int(n)) for label, n in frame.iter_rows()]
+        rows = [
+            (str(label), float(n or 0), _measure_text(measure, n or 0))
+            for label, n in frame.iter_rows()
+        ]
         return rows[-top:] if by_label else rows[:top]
 
     matching = series
@@ -80,6 +100,8 @@ def explore_figures(
         .to_dicts()
     )
     return {
+        "measure": measure if measure in MEASURES else "series",
+        "measures": list(MEASURES),
         "totals": {k: int(v or 0) for k, v in totals.items()},
         "by_modality": counts(pl.col("Modality")),
         "by_body_part": counts(pl.col("BodyPartExamined")),
@@ -170,15 +192,21 @@ def _png(data: np.ndarray[Any, Any]) -> bytes:
     return out.getvalue()
 
 
-def metrics_text(root: str | os.PathLike[str]) -> bytes:
-    """:func:`imgindex.status.collect_status` in the Prometheus text format (``imgindex_*``)."""
+def metrics_text(root: str | os.PathLike[str], *, now: dt.datetime | None = None) -> bytes:
+    """:func:`imgindex.status.collect_status` in the Prometheus text format (``imgindex_*``).
+
+    Throughput is averaged over the windows of :data:`imgindex.status.AVERAGES` (label
+    ``window``: ``5m``, ``1h``, ``24h``): ``imgindex_intake_bytes_per_second`` and
+    ``imgindex_intake_instances_per_second`` by ``kind`` (``listener``, ``crawl``, ``files``),
+    ``imgindex_export_bytes_per_second`` and ``imgindex_export_instances_per_second``.
+    """
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.core import GaugeMetricFamily
     from prometheus_client.registry import Collector
 
     from imgindex.status import collect_status
 
-    status = collect_status(root)
+    status = collect_status(root, now=now)
 
     class _Status(Collector):
         def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -210,7 +238,45 @@ def metrics_text(root: str | os.PathLike[str]) -> bytes:
             for row in status.rejects:
                 rejects.add_metric([row["reason"]], row["total"])
             yield rejects
+            failures = GaugeMetricFamily(
+                "imgindex_export_failures",
+                "Series the exports failed, by reason",
+                labels=["reason"],
+            )
+            for row in status.export_failures:
+                failures.add_metric([row["reason"]], row["series"])
+            yield failures
+            yield from _throughput_metrics(status.rates)
 
     registry = CollectorRegistry()
     registry.register(_Status())
     return generate_latest(registry)
+
+
+def _throughput_metrics(rates: list[dict[str, Any]]) -> Iterator[GaugeMetricFamily]:
+    """The averages of :attr:`imgindex.status.Status.rates` as gauges (see
+    :func:`metrics_text`)."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    for prefix, labels, what in (
+        ("imgindex_intake", ["kind", "window"], "indexed"),
+        ("imgindex_export", ["window"], "exported (DICOM bytes read, instances written)"),
+    ):
+        moved = GaugeMetricFamily(
+            f"{prefix}_bytes_per_second",
+            f"Bytes {what} per second, averaged over the window",
+            labels=labels,
+        )
+        done = GaugeMetricFamily(
+            f"{prefix}_instances_per_second",
+            f"Instances {what} per second, averaged over the window",
+            labels=labels,
+        )
+        for row in rates:
+            if (row["kind"] == "export") != (prefix == "imgindex_export"):
+                continue
+            values = [row["kind"], row["window"]] if len(labels) == 2 else [row["window"]]
+            moved.add_metric(values, row["bytes"] / row["seconds"])
+            done.add_metric(values, row["instances"] / row["seconds"])
+        yield moved
+        yield done

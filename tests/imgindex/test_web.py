@@ -5,6 +5,7 @@ a real browser (Debian's chromium through Playwright), with screenshots."""
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
+import polars as pl
 import pytest
 from _export_helpers import index_folder, write_selection, write_set
 from peers.browser import open_browser, screenshot, serve_app
@@ -183,6 +185,18 @@ def test_pages_show_the_index(base_url: str, series_uid: str, root: Path) -> Non
         assert page.text.count('<a href="/series/') == 4
         found = client.get("/explore", params={"q": "mr"})
         assert found.text.count('<a href="/series/') == 2  # the two MR series
+        mr_series = Index(root).series.filter(pl.col("Modality") == "MR").collect()
+        mr_bytes = int(mr_series["size_bytes"].sum())
+        for measure, expected in (
+            ("studies", mr_series["StudyInstanceUID"].n_unique()),
+            ("MB", round(mr_bytes / 1e6, 1)),
+        ):
+            chart = client.get("/explore", params={"measure": measure}).text
+            assert f"{measure if measure == 'MB' else measure.capitalize()} by modality" in chart
+            mr = re.search(r">MR</text>.*?<text[^>]*>([^<]+)</text>", chart, re.DOTALL)
+            assert mr is not None
+            shown = f"{expected:,.1f} MB" if measure == "MB" else f"{expected:,}"
+            assert mr.group(1) == shown, (measure, mr.group(1), shown)
         series = client.get(f"/series/{series_uid}")
         instances = Index(root).instances.collect()
         for uid in instances.filter(instances["SeriesInstanceUID"] == series_uid)["SOPInstanceUID"]:
