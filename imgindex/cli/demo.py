@@ -177,6 +177,13 @@ def _serve(root: Path, port: int) -> None:
         password = secrets.token_urlsafe(9)
         accounts.add_user(role, role, password)
         print(f"   {role:<10}  password {password}")
+    print(
+        "   the researcher explores the index and builds cohorts (Cohort builder: start from "
+        "mi_cad_ct_demo, the example with its dates widened as in step 6) and requests their "
+        "export; the "
+        "reviewer approves it and the export runs, de-identified; the operator watches "
+        "throughput (docs/web.md)"
+    )
     print(f"   http://127.0.0.1:{port}/", flush=True)
     uvicorn.run(create_app(root), host="127.0.0.1", port=port, log_level="warning")
 
@@ -228,21 +235,13 @@ def _check(out: Path, root: Path, deid: Deidentifier) -> None:
         raise ImgindexError("the demo's export holds identifying values; see the list above")
 
 
-def _cohorts_folder() -> Path:
-    """The example cohorts: the checkout's cohorts/ (or the copy a wheel installs)."""
-    here = Path(__file__).resolve()
-    for candidate in (here.parents[2] / "cohorts", here.parents[1] / "_examples" / "cohorts"):
-        if (candidate / "mi_cad_ct.yaml").is_file():
-            return candidate
-    raise ImgindexError("the example cohorts (cohorts/mi_cad_ct.yaml) are not installed")
-
-
 def _emr_and_cohort(root: Path, index: Index) -> Path:
     """Write a synthetic OMOP EMR for the demo's patients, import it, run the MI/CAD cohort."""
     import polars as pl
 
     from imgindex.cli.cohort import print_attrition, with_entry_dates
     from imgindex.cohort import Cohort, select
+    from imgindex.cohort.examples import examples_folder
     from imgindex.emr import import_emr, link_report
     from imgindex.testing import write_omop_csv
     from imgindex.testing.omop_demo import emr_for_index
@@ -264,7 +263,7 @@ def _emr_and_cohort(root: Path, index: Index) -> Path:
     print(f"   imported {rows} in {summary.seconds:.1f} s")
     print("   " + link_report(index, root).describe().replace("\n", "\n   "))
 
-    folder = _cohorts_folder()
+    folder = examples_folder()
     path = folder / "mi_cad_ct.yaml"
     dates = pl.DataFrame(series).get_column("imaging_date").drop_nulls()
     first, last = dates.min(), dates.max()
@@ -283,6 +282,14 @@ def _emr_and_cohort(root: Path, index: Index) -> Path:
     cohort = with_entry_dates(Cohort.from_yaml(path), first, last)
     selection = select(cohort, root)
     selection.write(out)
+    # The same cohort, for the web app's cohort builder to start from (ROOT/cohorts/).
+    saved = root / "cohorts" / "mi_cad_ct_demo.yaml"
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_text(
+        "# The example mi_cad_ct with its diagnosis dates widened to the demo's years.\n"
+        + cohort.to_yaml(),
+        encoding="utf-8",
+    )
     print("   " + _indented(print_attrition, selection))
     preview = selection.table.select(
         [

@@ -17,9 +17,12 @@ def add_parser(sub: Any) -> None:
     """Register ``serve`` and ``users``."""
     serve = sub.add_parser(
         "serve",
-        help="the web app: explore the index, operations, QIDO-RS (docs/web.md)",
+        help="the web app: explore, cohort builder, export requests, operations, QIDO-RS "
+        "(docs/web.md)",
         description="Serve the web app for the catalog at --root: explore pages for "
-        "researchers and reviewers, operations pages and /metrics for operators, the audit "
+        "researchers and reviewers, the cohort builder and export requests for researchers, "
+        "their review for reviewers (an approved request is exported, de-identified, while "
+        "the app runs), operations pages and /metrics for operators, the audit "
         "trail, and QIDO-RS over the index at /dicom-web. Users sign in with a password "
         "(add them with `imgindex users add`). Binds to 127.0.0.1 unless told otherwise; "
         "behind TLS, pass --https-only so session cookies never travel in clear.",
@@ -29,6 +32,20 @@ def add_parser(sub: Any) -> None:
     serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     serve.add_argument(
         "--https-only", action="store_true", help="send session cookies over HTTPS only"
+    )
+    serve.add_argument(
+        "--min-count",
+        type=int,
+        default=10,
+        metavar="N",
+        help="disclosure threshold: researchers see counts from 1 to N-1 as <N (default 10)",
+    )
+    serve.add_argument(
+        "--export-workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="worker processes of each approved export (default: one per CPU)",
     )
     serve.set_defaults(run=run_serve)
 
@@ -61,7 +78,14 @@ def run_serve(args: argparse.Namespace) -> int:
     from imgindex.web.app import create_app
 
     settings = settings_from(args)
-    app = create_app(settings.root, https_only=args.https_only)
+    if args.min_count < 1:
+        raise ConfigError("--min-count: give 1 (no masking) or more")
+    app = create_app(
+        settings.root,
+        https_only=args.https_only,
+        min_count=args.min_count,
+        export_workers=args.export_workers,
+    )
     print(
         f"imgindex serve: http://{args.bind}:{args.port}/ for {settings.root} (Ctrl-C stops)",
         file=sys.stderr,

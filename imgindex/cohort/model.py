@@ -462,6 +462,8 @@ class Cohort(_Model):
     def to_yaml(self) -> str:
         """The cohort as YAML (code sets inline), readable by :meth:`from_yaml`."""
         data = self.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_unset=True)
+        if not data.get("codesets"):  # resolution sets it, empty when every set is inline
+            data.pop("codesets", None)
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 

@@ -11,6 +11,13 @@ front-end build, nothing downloaded at run time):
   thumbnail rendered on demand.
 - ``/operations`` (operators): :func:`imgindex.status.collect_status` as a page;
   ``/metrics`` (operators) the same figures for Prometheus (``imgindex_*``).
+- ``/cohorts`` (researchers): the cohort builder (:mod:`imgindex.web.cohorts`): a form that
+  reads and writes the YAML of ``imgindex select``, live attrition (counts under the
+  disclosure threshold shown as ``<10``), charts, the YAML and the de-identified selection to
+  download, and an export request to submit.
+- ``/requests`` (everyone signed in: researchers see their own): export requests
+  (:mod:`imgindex.web.requests`); ``/review/{id}`` (reviewers) approves or rejects one; an
+  approved request is exported, de-identified, by a background runner.
 - ``/audit`` (reviewers, operators): the audit trail.
 - ``/dicom-web/...`` (researchers, operators): QIDO-RS over the index
   (:func:`imgindex.web.qido.qido_app`); DICOMweb clients sign in with HTTP Basic.
@@ -24,25 +31,36 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import io
 import os
 import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote
 
+import pyarrow.parquet as pq
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.templating import Jinja2Templates
 
+from imgindex.errors import CohortError
 from imgindex.index import Index
 from imgindex.web.accounts import Accounts, User
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from starlette.datastructures import FormData
     from starlette.requests import Request
     from starlette.types import ASGIApp, Receive, Scope, Send
+
+    from imgindex.web.cohorts import Preview
+    from imgindex.web.requests import ExportRequest, ExportRunner, Requests
 
 __all__ = ["ACCESS", "create_app"]
 
@@ -51,6 +69,9 @@ ACCESS: Final[tuple[tuple[str, frozenset[str] | None], ...]] = (
     ("/login", None),
     ("/logout", frozenset({"researcher", "reviewer", "operator"})),
     ("/explore", frozenset({"researcher", "reviewer"})),
+    ("/cohorts", frozenset({"researcher"})),
+    ("/requests", frozenset({"researcher", "reviewer", "operator"})),
+    ("/review/", frozenset({"reviewer"})),
     ("/series/", frozenset({"researcher", "reviewer"})),
     ("/operations", frozenset({"operator"})),
     ("/metrics", frozenset({"operator"})),
@@ -63,11 +84,19 @@ _HOME: Final = {"researcher": "/explore", "reviewer": "/explore", "operator": "/
 _SESSION_COOKIE: Final = "imgindex_session"
 _SESSION_HOURS: Final = 8
 _PAGE: Final = 50
+#: Counts from 1 to this minus 1 are shown to researchers as ``<N`` (the disclosure rule).
+MIN_COUNT: Final = 10
 _TEMPLATES: Final = Path(__file__).with_name("templates")
 
 
 def create_app(
-    root: str | os.PathLike[str], *, secret: bytes | None = None, https_only: bool = False
+    root: str | os.PathLike[str],
+    *,
+    secret: bytes | None = None,
+    https_only: bool = False,
+    min_count: int = MIN_COUNT,
+    run_exports: bool = True,
+    export_workers: int | None = None,
 ) -> Starlette:
     """The app serving the catalog at ``root`` (see the module docstring).
 
@@ -80,19 +109,39 @@ def create_app(
     https_only : bool
         Send the session cookie only over HTTPS (set it when serving beyond loopback
         behind TLS).
+    min_count : int
+        The disclosure threshold: researchers see counts from 1 to ``min_count - 1`` as
+        ``<min_count`` (default 10).
+    run_exports : bool
+        Export approved requests in the background while the app runs (default); without
+        it requests wait until an app that runs them starts.
+    export_workers : int, optional
+        Worker processes of each export (default: one per CPU).
     """
     from imgindex.web.qido import qido_app
+    from imgindex.web.requests import ExportRunner, Requests
 
     root = Path(root)
     accounts = Accounts(root)
     templates = Jinja2Templates(directory=str(_TEMPLATES))
-    pages = _Pages(root, accounts, templates)
+    requests = Requests(root, accounts)
+    runner = ExportRunner(root, requests, workers=export_workers) if run_exports else None
+    pages = _Pages(root, accounts, templates, requests, runner, min_count)
     routes = [
         Route("/", pages.home),
         Route("/login", pages.login_form, methods=["GET"]),
         Route("/login", pages.login, methods=["POST"]),
         Route("/logout", pages.logout, methods=["POST"]),
         Route("/explore", pages.explore),
+        Route("/cohorts", pages.cohorts, methods=["GET", "POST"]),
+        Route("/cohorts/preview", pages.cohort_preview, methods=["POST"]),
+        Route("/cohorts/cohort.yaml", pages.cohort_yaml, methods=["POST"]),
+        Route("/cohorts/selection.parquet", pages.cohort_selection, methods=["POST"]),
+        Route("/requests", pages.requests, methods=["GET"]),
+        Route("/requests", pages.submit_request, methods=["POST"]),
+        Route("/requests/{id:int}", pages.request_detail),
+        Route("/requests/{id:int}/cohort.yaml", pages.request_yaml),
+        Route("/review/{id:int}", pages.review, methods=["POST"]),
         Route("/series/{uid}", pages.series),
         Route("/series/{uid}/thumbnail.png", pages.thumbnail),
         Route("/operations", pages.operations),
@@ -111,7 +160,18 @@ def create_app(
         ),
         Middleware(_AccessControl, accounts=accounts),
     ]
-    return Starlette(routes=routes, middleware=middleware)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if runner is not None:
+            runner.start()
+        try:
+            yield
+        finally:
+            if runner is not None:
+                await run_in_threadpool(runner.stop)
+
+    return Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
 
 
 def _secret(root: Path) -> bytes:
@@ -204,16 +264,28 @@ class _AccessControl:
 class _Pages:
     """The page endpoints."""
 
-    def __init__(self, root: Path, accounts: Accounts, templates: Jinja2Templates) -> None:
+    def __init__(
+        self,
+        root: Path,
+        accounts: Accounts,
+        templates: Jinja2Templates,
+        requests: Requests,
+        runner: ExportRunner | None,
+        min_count: int,
+    ) -> None:
         self.root = root
         self.accounts = accounts
         self.templates = templates
+        self.requests_ = requests
+        self.runner = runner
+        self.min_count = min_count
 
     def _render(self, request: Request, name: str, **context: Any) -> Response:
         session = request.session
         if "csrf" not in session:
             session["csrf"] = secrets.token_urlsafe(24)
         context.update(user=request.state.user, csrf=session["csrf"])
+        context.setdefault("min_count", getattr(self, "min_count", MIN_COUNT))
         return self.templates.TemplateResponse(request, name, context)
 
     async def home(self, request: Request) -> Response:
@@ -299,3 +371,284 @@ class _Pages:
 
     async def audit(self, request: Request) -> Response:
         return self._render(request, "audit.html", entries=self.accounts.audit_trail())
+
+    # -- the cohort builder ------------------------------------------------------------------
+
+    async def _form(self, request: Request) -> FormData | Response:
+        """The posted form, or a 403 when its CSRF token is not the session's."""
+        form = await request.form()
+        if not secrets.compare_digest(str(form.get("csrf", "")), request.session.get("csrf", "")):
+            return PlainTextResponse("forbidden: stale form, reload the page", status_code=403)
+        return form
+
+    def _cohort_files(self) -> dict[str, Path]:
+        """Cohorts to start from: imgindex's examples, then the catalog's own
+        (``ROOT/cohorts/*.yaml``, which win over an example of the same name)."""
+        from imgindex.cohort.examples import example_cohorts
+
+        files = example_cohorts()
+        files.update({p.stem: p for p in sorted((self.root / "cohorts").glob("*.yaml"))})
+        return files
+
+    def _builder(self, request: Request, values: dict[str, str], **context: Any) -> Response:
+        from imgindex.web.cohorts import DOMAIN_LABELS, GROUPS, criteria_rows
+
+        return self._render(
+            request,
+            "cohorts.html",
+            values=values,
+            rows=criteria_rows(values),
+            domains=DOMAIN_LABELS,
+            groups=GROUPS,
+            examples=list(self._cohort_files()),
+            min_count=self.min_count,
+            **context,
+        )
+
+    async def cohorts(self, request: Request) -> Response:
+        """The builder: empty, an example (``?example=``), or the YAML posted to it."""
+        from imgindex.cohort import Cohort
+        from imgindex.cohort.examples import examples_folder
+        from imgindex.web.cohorts import cohort_to_form
+
+        values: dict[str, str] = {"mode": "simple", "entry.domain": "condition"}
+        text = ""
+        if request.method == "POST":
+            form = await self._form(request)
+            if isinstance(form, Response):
+                return form
+            text = str(form.get("yaml", "")).replace("\r\n", "\n")
+        base_dir = examples_folder()
+        if request.method == "GET" and (name := request.query_params.get("example")):
+            path = self._cohort_files().get(name)
+            if path is None:
+                return self._builder(request, values, error=f"no example cohort {name!r}")
+            text, base_dir = path.read_text(encoding="utf-8"), path.parent
+        if text.strip():
+            try:
+                cohort = Cohort.from_yaml_text(text, base_dir=base_dir)
+                values = cohort_to_form(cohort)
+            except CohortError as exc:
+                response = self._builder(request, values, error=str(exc), yaml_text=text)
+                response.status_code = 422
+                return response
+        return self._builder(request, values, yaml_text=text)
+
+    def _cohort_of(self, form: FormData) -> Any:
+        from imgindex.web.cohorts import form_to_cohort
+
+        return form_to_cohort({k: str(v) for k, v in form.multi_items() if isinstance(v, str)})
+
+    async def cohort_preview(self, request: Request) -> Response:
+        """The builder's live result: the attrition, charts and YAML (an HTML fragment)."""
+        from imgindex.web.cohorts import preview
+
+        form = await self._form(request)
+        if isinstance(form, Response):
+            return form
+        user: User = request.state.user
+        try:
+            cohort = self._cohort_of(form)
+            found = await run_in_threadpool(preview, cohort, self.root)
+        except CohortError as exc:
+            return self._render(request, "cohort_preview.html", error=str(exc), found=None)
+        return self._render(
+            request, "cohort_preview.html", found=found, **self._counts(user, found)
+        )
+
+    def _counts(self, user: User, found: Preview) -> dict[str, Any]:
+        """The preview's counts as ``user`` may see them (see :func:`~imgindex.web.cohorts.shown`)."""
+        from imgindex.web.cohorts import shown
+
+        exact = user.role != "researcher"
+
+        def show(n: int) -> str:
+            return shown(n, self.min_count, exact=exact)
+
+        def bar(label: str, n: int) -> tuple[str, int, str]:
+            text = show(n)
+            return (label, n if text == f"{n:,}" else self.min_count, text)
+
+        return {
+            "attrition": [(step, show(p), show(e)) for step, p, e in found.attrition],
+            "persons": show(found.persons),
+            "series": show(found.series),
+            "by_modality": [bar(label, n) for label, n in found.by_modality],
+            "by_days": [bar(label, n) for label, n in found.by_days],
+            "yaml": found.cohort.to_yaml(),
+            "exact": exact,
+        }
+
+    async def cohort_yaml(self, request: Request) -> Response:
+        """The form's cohort as a YAML file for ``imgindex select``."""
+        form = await self._form(request)
+        if isinstance(form, Response):
+            return form
+        try:
+            cohort = self._cohort_of(form)
+        except CohortError as exc:
+            return PlainTextResponse(f"the cohort is not complete:\n{exc}", status_code=422)
+        return Response(
+            cohort.to_yaml(),
+            media_type="application/yaml",
+            headers={
+                "Content-Disposition": f'attachment; filename="{_filename(cohort.name)}.yaml"'
+            },
+        )
+
+    async def cohort_selection(self, request: Request) -> Response:
+        """The form's selection, de-identified with the catalog's key (the export's
+        pseudonyms and date shifts), as Parquet; refused under the disclosure threshold."""
+        from imgindex.deid import Deidentifier
+        from imgindex.web.cohorts import deidentified_selection, preview
+
+        form = await self._form(request)
+        if isinstance(form, Response):
+            return form
+        user: User = request.state.user
+        try:
+            cohort = self._cohort_of(form)
+            found = await run_in_threadpool(preview, cohort, self.root)
+        except CohortError as exc:
+            return PlainTextResponse(f"the cohort is not complete:\n{exc}", status_code=422)
+        if found.persons < self.min_count:
+            return PlainTextResponse(
+                f"the selection has fewer than {self.min_count} persons: it cannot be "
+                "downloaded (the disclosure rule); submit an export request instead",
+                status_code=403,
+            )
+        table = deidentified_selection(found.selection.table, Deidentifier.for_root(self.root))
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        self.accounts.audit(
+            user.name,
+            "selection_downloaded",
+            f"cohort/{found.selection.sha256}",
+            {"cohort": cohort.name, "persons": found.persons, "series": found.series},
+            found.selection.versions,
+        )
+        return Response(
+            buffer.getvalue(),
+            media_type="application/vnd.apache.parquet",
+            headers={
+                "Content-Disposition": (
+                    f'attachment; filename="{_filename(cohort.name)}.selection.parquet"'
+                )
+            },
+        )
+
+    # -- export requests ---------------------------------------------------------------------
+
+    async def submit_request(self, request: Request) -> Response:
+        """A researcher's export request, from the builder's form and a purpose."""
+        from imgindex.web.requests import RequestError
+
+        user: User = request.state.user
+        if user.role != "researcher":
+            return PlainTextResponse(
+                "forbidden: export requests are submitted by researchers", status_code=403
+            )
+        form = await self._form(request)
+        if isinstance(form, Response):
+            return form
+        try:
+            cohort = self._cohort_of(form)
+            made = await run_in_threadpool(
+                lambda: self.requests_.submit(
+                    user,
+                    cohort,
+                    str(form.get("purpose", "")),
+                    with_emr=form.get("with_emr") == "on",
+                )
+            )
+        except (CohortError, RequestError) as exc:
+            values = {k: str(v) for k, v in form.multi_items() if isinstance(v, str)}
+            response = self._builder(request, values, error=str(exc))
+            response.status_code = 422
+            return response
+        return RedirectResponse(f"/requests/{made.id}", status_code=303)
+
+    def _visible(self, request: Request) -> ExportRequest | None:
+        user: User = request.state.user
+        found = self.requests_.get(request.path_params["id"])
+        if found is None or (user.role == "researcher" and found.requester != user.name):
+            return None
+        return found
+
+    async def requests(self, request: Request) -> Response:
+        user: User = request.state.user
+        return self._render(request, "requests.html", requests=self.requests_.visible_to(user))
+
+    async def request_detail(self, request: Request) -> Response:
+        """One request: its cohort, counts (pinned to the versions it was submitted
+        with), status, review and export."""
+        from imgindex.cohort import Cohort
+        from imgindex.web.cohorts import preview
+
+        found = self._visible(request)
+        if found is None:
+            response = self._render(
+                request, "message.html", title="No such request", message="not found"
+            )
+            response.status_code = 404
+            return response
+        user: User = request.state.user
+        cohort = Cohort.from_yaml_text(found.cohort_yaml)
+        counts: dict[str, Any] = {}
+        try:
+            result = await run_in_threadpool(preview, cohort, self.root, found.versions)
+            counts = self._counts(user, result)
+        except CohortError as exc:  # e.g. a table vacuumed past the pinned version
+            counts = {"counts_error": str(exc)}
+        return self._render(request, "request.html", req=found, **counts)
+
+    async def request_yaml(self, request: Request) -> Response:
+        found = self._visible(request)
+        if found is None:
+            return PlainTextResponse("not found", status_code=404)
+        return Response(
+            found.cohort_yaml,
+            media_type="application/yaml",
+            headers={
+                "Content-Disposition": (
+                    f'attachment; filename="request-{found.id}-{_filename(found.cohort_name)}.yaml"'
+                )
+            },
+        )
+
+    async def review(self, request: Request) -> Response:
+        """A reviewer's decision; an approval wakes the export runner."""
+        from imgindex.web.requests import RequestError
+
+        form = await self._form(request)
+        if isinstance(form, Response):
+            return form
+        user: User = request.state.user
+        request_id = request.path_params["id"]
+        decision = str(form.get("decision", ""))
+        if decision not in ("approve", "reject"):
+            return PlainTextResponse("decision: approve or reject", status_code=400)
+        try:
+            await run_in_threadpool(
+                lambda: self.requests_.review(
+                    request_id,
+                    user,
+                    approve=decision == "approve",
+                    comment=str(form.get("comment", "")),
+                )
+            )
+        except RequestError as exc:
+            found = self.requests_.get(request_id)
+            if found is None:
+                return PlainTextResponse("not found", status_code=404)
+            response = self._render(request, "request.html", req=found, error=str(exc))
+            response.status_code = 409
+            return response
+        if decision == "approve" and self.runner is not None:
+            self.runner.wake()
+        return RedirectResponse(f"/requests/{request_id}", status_code=303)
+
+
+def _filename(name: str) -> str:
+    """``name`` safe in a Content-Disposition file name."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "cohort"

@@ -81,6 +81,9 @@ def _paths(series_uid: str) -> dict[str, frozenset[str]]:
         "/explore": frozenset({"researcher", "reviewer"}),
         f"/series/{series_uid}": frozenset({"researcher", "reviewer"}),
         f"/series/{series_uid}/thumbnail.png": frozenset({"researcher", "reviewer"}),
+        "/cohorts": frozenset({"researcher"}),
+        "/cohorts?example=mi_cad_ct": frozenset({"researcher"}),
+        "/requests": frozenset(ROLES),
         "/operations": frozenset({"operator"}),
         "/metrics": frozenset({"operator"}),
         "/audit": frozenset({"reviewer", "operator"}),
@@ -113,6 +116,37 @@ def test_each_role_opens_its_pages_and_no_other(
             else:
                 assert status == 403, (path, role, status)
         assert client.get("/no/such/page").status_code == 404
+
+
+#: Every POST route, and who may post to it (with the session's CSRF token).
+POSTS = {
+    "/cohorts": frozenset({"researcher"}),
+    "/cohorts/preview": frozenset({"researcher"}),
+    "/cohorts/cohort.yaml": frozenset({"researcher"}),
+    "/cohorts/selection.parquet": frozenset({"researcher"}),
+    "/requests": frozenset({"researcher"}),
+    "/review/1": frozenset({"reviewer"}),
+    "/logout": frozenset(ROLES),
+}
+
+
+@pytest.mark.parametrize("role", [None, *ROLES])
+def test_each_role_posts_only_its_forms_and_only_with_its_token(
+    base_url: str, role: str | None
+) -> None:
+    with _client(base_url, role) as client:
+        for path, allowed in POSTS.items():
+            answer = client.post(path, data={"csrf": "not the session's", "name": "x"})
+            if role is None:
+                assert answer.status_code == 303, path
+                assert answer.headers["location"].startswith("/login")
+            elif role in allowed:
+                assert answer.status_code == 403, (path, role)
+                assert "stale form" in answer.text
+            else:
+                assert answer.status_code == 403, (path, role)
+                assert answer.text.startswith("forbidden")  # by role, before the form is read
+                assert "stale form" not in answer.text
 
 
 def test_a_forged_or_foreign_cookie_is_no_session(base_url: str, root: Path) -> None:
