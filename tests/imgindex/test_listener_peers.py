@@ -160,11 +160,17 @@ def send_datasets(
     return statuses
 
 
+#: The sender's wait for a C-STORE response, and how often it sends again after one was lost.
+SENDER_DIMSE_TIMEOUT = 5.0
+LOST_RESPONSE_RETRIES = 3
+
+
 class Sender:
-    """Send datasets over one association from a thread, recording what was acknowledged.
+    """Send datasets over an association from a thread, recording what was acknowledged.
 
     The test can watch :attr:`acked` grow and kill or stop the listener at any moment; the
-    thread stops at the first C-STORE without a response (the association is gone).
+    thread stops at the first C-STORE without a response (the association is gone), but sends
+    again over a new association after a response pynetdicom lost (see `_associate_and_send`).
     """
 
     def __init__(self, port: int, datasets: list[Dataset], *, aet: str = "PYNETDICOM") -> None:
@@ -177,26 +183,50 @@ class Sender:
         self.thread = threading.Thread(target=self._run, name=f"sender-{aet}", daemon=True)
 
     def _run(self) -> None:
+        pending = list(self.datasets)
+        retries = 0
+        while pending:
+            if not self._associate_and_send(pending):
+                return
+            retries += 1
+            if retries > LOST_RESPONSE_RETRIES:
+                return
+
+    def _associate_and_send(self, pending: list[Dataset]) -> bool:
+        """Send ``pending`` (sent ones are taken off it) over one association; whether to
+        send the rest again over a new one: a response that pynetdicom lost (below)."""
         contexts = {(str(ds.SOPClassUID), ExplicitVRLittleEndian) for ds in self.datasets}
         ae = scu(contexts, aet=self.aet)
+        ae.dimse_timeout = SENDER_DIMSE_TIMEOUT
         try:
             assoc = ae.associate(HOST, self.port)
             if not assoc.is_established:
-                return
-            for ds in self.datasets:
+                return False
+            while pending:
+                ds = pending[0]
                 uid = str(ds.SOPInstanceUID)
+                started = time.monotonic()
                 status = status_of(assoc.send_c_store(ds))
                 self.statuses[uid] = status
+                if status is None and time.monotonic() - started >= 0.9 * SENDER_DIMSE_TIMEOUT:
+                    # pynetdicom's requestor can hand a response to its reactor thread instead
+                    # of the waiting send_c_store (a race in pausing the reactor, under load:
+                    # "Received unexpected C-STORE service message", pynetdicom issue #875):
+                    # the listener answered, the client lost it. A modality sends the
+                    # instance again on a new association; so does this one.
+                    return True
+                pending.pop(0)
                 if status == SUCCESS:
                     self.acked.append(uid)
                 if status is None or not assoc.is_established:
-                    break
+                    return False  # the listener is gone (killed or stopped): stop
             if assoc.is_established:
                 assoc.release()
         except (RuntimeError, OSError) as exc:  # the association died under us: expected
             self.error = exc
         finally:
             ae.shutdown()
+        return False
 
     def start(self) -> Sender:
         """Start sending."""

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.filterwarnings("ignore:Object at manifest.parquet:UserWarning")
 
 IMGINDEX = str(Path(sys.executable).with_name("imgindex"))
-PASSWORDS = {role: f"{role}-secret-1" for role in ROLES}
+PASSWORDS = {role: f"{role}-secret-1" for role in ROLES} | {"bob": "bob-secret-12"}
 PURPOSE = "Train a model of coronary CT after myocardial infarction (study approval 2026-17)."
 EXPORT_TIMEOUT_S = 180
 
@@ -199,6 +199,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]
     accounts = Accounts(root)
     for role in ROLES:
         accounts.add_user(role, role, PASSWORDS[role])
+    accounts.add_user("bob", "researcher", PASSWORDS["bob"])  # another researcher
     _, info = read_selection(root / "selections" / "mi_cad_ct.parquet")
     dates = info["cohort"]["entry"]["dates"]
     return root, {"entry.from": dates["from"], "entry.to": dates["to"]}
@@ -438,3 +439,51 @@ def test_researcher_to_reviewer_to_export_in_a_browser(
         "export_finished",
     ]
     assert all(e.index_version and "index.series" in e.index_version for e in steps)
+
+
+def test_requests_are_seen_and_reviewed_only_by_whom_they_concern(
+    demo: tuple[Path, dict[str, str]],
+) -> None:
+    root = demo[0]
+    with serve_app(create_app(root, run_exports=False)) as url:
+        with _client(url, "researcher") as (client, csrf):
+            short = client.post(
+                "/requests", data={**_mi_cad_form(demo, csrf), "purpose": "too short"}
+            )
+            assert short.status_code == 422  # the builder again, with the reason
+            assert "at least 20 characters" in _text(short.text)
+            made = client.post("/requests", data={**_mi_cad_form(demo, csrf), "purpose": PURPOSE})
+            assert made.status_code == 303
+            path = made.headers["location"]
+            assert client.get(path).status_code == 200
+            assert client.get(path + "/cohort.yaml").text.startswith("name: mi-cad-ct")
+        with _client(url, "bob") as (client, csrf):
+            assert client.get(path).status_code == 404  # another researcher's request
+            assert client.get(path + "/cohort.yaml").status_code == 404
+            assert path not in client.get("/requests").text
+        with _client(url, "operator") as (client, csrf):
+            assert path in client.get("/requests").text  # operators follow every request
+            assert (
+                client.post(path.replace("/requests/", "/review/"), data={"csrf": csrf}).status_code
+                == 403
+            )
+        with _client(url, "reviewer") as (client, csrf):
+            review = path.replace("/requests/", "/review/")
+            refused = client.post(review, data={"csrf": csrf, "decision": "reject"})
+            assert refused.status_code == 409
+            assert "comment" in _text(refused.text)
+            assert client.post(review, data={"csrf": csrf, "decision": "maybe"}).status_code == 400
+            done = client.post(
+                review, data={"csrf": csrf, "decision": "reject", "comment": "Purpose unclear."}
+            )
+            assert done.status_code == 303
+            page = _text(client.get(path).text)
+            assert "rejected by reviewer" in page
+            assert "Purpose unclear." in page
+            again = client.post(review, data={"csrf": csrf, "decision": "approve"})
+            assert again.status_code == 409  # reviewed once
+    request_id = path.rsplit("/", 1)[1]
+    actions = [
+        e.action for e in Accounts(root).audit_trail() if e.target == f"request/{request_id}"
+    ]
+    assert actions == ["request_rejected", "request_submitted"]  # newest first
