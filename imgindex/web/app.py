@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     from imgindex.web.cohorts import Preview
     from imgindex.web.requests import ExportRequest, ExportRunner, Requests
 
-__all__ = ["ACCESS", "create_app"]
+__all__ = ["ACCESS", "MIN_COUNT", "create_app", "roles_for"]
 
 #: Who may open what, by path prefix (the first match wins). ``None``: anyone.
 ACCESS: Final[tuple[tuple[str, frozenset[str] | None], ...]] = (
