@@ -44,7 +44,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
-from starlette.responses import PlainTextResponse, RedirectResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.templating import Jinja2Templates
 
@@ -135,6 +135,7 @@ def create_app(
         Route("/explore", pages.explore),
         Route("/cohorts", pages.cohorts, methods=["GET", "POST"]),
         Route("/cohorts/preview", pages.cohort_preview, methods=["POST"]),
+        Route("/cohorts/codes", pages.cohort_codes),
         Route("/cohorts/cohort.yaml", pages.cohort_yaml, methods=["POST"]),
         Route("/cohorts/selection.parquet", pages.cohort_selection, methods=["POST"]),
         Route("/requests", pages.requests, methods=["GET"]),
@@ -433,6 +434,32 @@ class _Pages:
                 response.status_code = 422
                 return response
         return self._builder(request, values, yaml_text=text)
+
+    async def cohort_codes(self, request: Request) -> Response:
+        """Codes of a domain matching ``q``, with their persons (masked as on the page), for
+        the builder's code search."""
+        from imgindex.web.cohorts import code_suggestions, shown
+
+        user: User = request.state.user
+        found = await run_in_threadpool(
+            code_suggestions,
+            self.root,
+            request.query_params.get("domain", "condition"),
+            request.query_params.get("q", "")[:100],
+        )
+        exact = user.role != "researcher"
+        return JSONResponse(
+            [
+                {
+                    "label": c.label,
+                    "concept_id": c.concept_id,
+                    "source_code": c.source_code,
+                    "vocabulary": c.vocabulary,
+                    "persons": shown(c.persons, self.min_count, exact=exact),
+                }
+                for c in found
+            ]
+        )
 
     def _cohort_of(self, form: FormData) -> Any:
         from imgindex.web.cohorts import form_to_cohort

@@ -31,6 +31,7 @@ import polars as pl
 import pyarrow as pa
 
 from imgindex.cohort import CodeSet, Cohort, select
+from imgindex.cohort.model import DOMAINS
 from imgindex.errors import CohortError
 
 if TYPE_CHECKING:
@@ -43,7 +44,9 @@ if TYPE_CHECKING:
 __all__ = [
     "DOMAIN_LABELS",
     "GROUPS",
+    "CodeSuggestion",
     "Preview",
+    "code_suggestions",
     "cohort_to_form",
     "criteria_rows",
     "deidentified_selection",
@@ -416,6 +419,114 @@ def _days_histogram(days: list[int]) -> list[tuple[str, int]]:
         label = f"day {first}" if width == 1 else f"days {first}..{first + width - 1}"
         out.append((label, counts.get(b, 0)))
     return out
+
+
+@dataclass(frozen=True)
+class CodeSuggestion:
+    """A code the form can add to a code set: a concept (``concept_id``) or a source code
+    (``source_code``), what it is called, and how many persons have an event of it (a
+    concept: of it or any of its descendants)."""
+
+    label: str
+    persons: int
+    concept_id: int | None = None
+    source_code: str | None = None
+    vocabulary: str = ""
+
+
+#: OMOP ``domain_id`` values of each cohort domain's concepts.
+_CONCEPT_DOMAINS: Final = {
+    "condition": "Condition",
+    "procedure": "Procedure",
+    "drug": "Drug",
+    "measurement": "Measurement",
+    "observation": "Observation",
+    "visit": "Visit",
+}
+
+
+def code_suggestions(
+    root: str | os.PathLike[str], domain: str, query: str, *, limit: int = 15
+) -> list[CodeSuggestion]:
+    """Codes of ``domain`` matching ``query`` (a name, concept id or source code, case
+    insensitive; a concept's name, id or code, or a source code, starting with or holding it),
+    most persons first.
+
+    Concepts come from the imported ``concept`` table (of the domain, or used by its events)
+    with the persons of their events and their descendants' (``concept_ancestor``); source
+    codes from the events themselves. Without EMR tables, nothing.
+    """
+    from imgindex.emr import Emr
+
+    spec = DOMAINS.get(domain)
+    needle = query.strip().lower()
+    emr = Emr(root)
+    if spec is None or not needle or not emr.has(spec.table):
+        return []
+    events = emr.scan(spec.table).select(
+        "person_id", pl.col(spec.concept).alias("concept_id"), pl.col(spec.source).alias("code")
+    )
+    found: list[CodeSuggestion] = []
+    if emr.has("concept"):
+        concepts = (
+            emr.scan("concept")
+            .select("concept_id", "concept_name", "domain_id", "vocabulary_id", "concept_code")
+            .filter(
+                pl.col("concept_name").str.to_lowercase().str.contains(needle, literal=True)
+                | pl.col("concept_id").cast(pl.String).str.starts_with(needle)
+                | pl.col("concept_code").str.to_lowercase().str.starts_with(needle)
+            )
+            .filter(
+                (pl.col("domain_id") == _CONCEPT_DOMAINS[domain])
+                | pl.col("concept_id").is_in(
+                    events.select("concept_id").unique().collect()["concept_id"].implode()
+                )
+            )
+            .collect()
+        )
+        used = events.select("person_id", "concept_id").unique()
+        pairs = used.select(
+            pl.col("concept_id").alias("ancestor_concept_id"),
+            pl.col("concept_id").alias("descendant_concept_id"),
+        )
+        if emr.has("concept_ancestor"):
+            pairs = pl.concat(
+                [
+                    pairs,
+                    emr.scan("concept_ancestor").select(
+                        "ancestor_concept_id", "descendant_concept_id"
+                    ),
+                ]
+            ).unique()
+        persons = dict(
+            used.join(pairs, left_on="concept_id", right_on="descendant_concept_id")
+            .filter(pl.col("ancestor_concept_id").is_in(concepts["concept_id"].implode()))
+            .group_by("ancestor_concept_id")
+            .agg(pl.col("person_id").n_unique())
+            .collect()
+            .iter_rows()
+        )
+        found += [
+            CodeSuggestion(
+                label=str(row["concept_name"]),
+                persons=int(persons.get(row["concept_id"], 0)),
+                concept_id=int(row["concept_id"]),
+                vocabulary=f"{row['vocabulary_id']} {row['concept_code']}",
+            )
+            for row in concepts.iter_rows(named=True)
+        ]
+    codes = (
+        events.filter(pl.col("code").str.to_lowercase().str.starts_with(needle))
+        .group_by("code")
+        .agg(pl.col("person_id").n_unique().alias("persons"))
+        .collect()
+    )
+    found += [
+        CodeSuggestion(label=str(code), persons=int(n), source_code=str(code), vocabulary="source")
+        for code, n in codes.iter_rows()
+    ]
+    found.sort(key=lambda c: (-c.persons, c.label))
+    return found[:limit]
 
 
 def shown(n: int, threshold: int, *, exact: bool) -> str:

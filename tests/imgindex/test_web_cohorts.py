@@ -28,6 +28,7 @@ from playwright.sync_api import expect
 
 from imgindex.cohort import Cohort, read_selection
 from imgindex.cohort.examples import example_cohorts
+from imgindex.emr import Emr
 from imgindex.errors import CohortError
 from imgindex.export import read_manifest
 from imgindex.web.accounts import ROLES, Accounts
@@ -270,6 +271,21 @@ def test_live_counts_match_imgindex_select_and_are_masked(
         assert f'name="entry.from" value="{demo[1]["entry.from"]}"' in saved.text
         assert 'name="entry.codeset_name" value="myocardial_infarction"' in saved.text
         assert client.get("/cohorts", params={"example": "nope"}).text.count("no example") == 1
+        # the code search: concepts by name with the persons of them and their descendants
+        codes = client.get("/cohorts/codes", params={"domain": "condition", "q": "infarction"})
+        by_id = {c["concept_id"]: c for c in codes.json() if c["concept_id"]}
+        mi = by_id[4329847]
+        assert mi["label"] == "Myocardial infarction"
+        assert mi["persons"] == "12"  # every demo MI is one of its descendants
+        assert by_id[4270024]["persons"] == "<10"  # NSTEMI: 5 persons, masked
+        sources = client.get("/cohorts/codes", params={"domain": "condition", "q": "i21"}).json()
+        conditions = Emr(root).scan("condition_occurrence").collect()
+        expected_codes = {
+            c for c in conditions["condition_source_value"].drop_nulls() if c.startswith("I21")
+        }
+        assert expected_codes  # the demo's MIs are coded I21.x
+        assert {c["source_code"] for c in sources if c["source_code"]} == expected_codes
+        assert client.get("/cohorts/codes", params={"domain": "nope", "q": "x"}).json() == []
         # a form that is not a cohort yet says why, as a fragment
         broken = client.post("/cohorts/preview", data={**form, "entry.concepts": "x1"})
         assert "Not a complete cohort yet" in broken.text
@@ -339,7 +355,14 @@ def test_researcher_to_reviewer_to_export_in_a_browser(
             expect(page).to_have_url(f"{base_url}/cohorts")
             page.fill("input[name=name]", "mi-cad-ct")
             page.select_option("select[name='entry.domain']", "condition")
-            page.fill("input[name='entry.concepts']", "4329847")
+            # the diagnosis is picked by name: the search lists concepts with their persons
+            page.fill(".code-search[data-prefix='entry']", "myocardial infarction")
+            pick = page.locator(".suggestions[data-prefix='entry'] .suggestion").filter(
+                has_text=re.compile(r"^Myocardial infarction · SNOMED 22298006 · 4329847 · ")
+            )
+            expect(pick).to_have_count(1)
+            pick.click()
+            expect(page.locator("input[name='entry.concepts']")).to_have_value("4329847")
             page.check("input[name='entry.descendants']")
             page.fill("input[name='entry.source_codes']", "I21*, I22*")
             page.fill("input[name='entry.from']", demo[1]["entry.from"])
