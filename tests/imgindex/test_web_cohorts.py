@@ -424,12 +424,22 @@ def test_researcher_to_reviewer_to_export_in_a_browser(
             expect(page.locator("#request-status")).to_have_text("exported")
             expect(page.locator("#request-outcome")).to_contain_text("20 of 20 series")
             screenshot(page, "request-exported")
+            page.click("text=Audit")
+            request_id = request_url.rsplit("/", 1)[1]
+            for action in ("request_submitted", "request_approved", "export_finished"):
+                row = (
+                    page.locator("#audit tr")
+                    .filter(has_text=action)
+                    .filter(has_text=f"request/{request_id}")
+                )
+                expect(row).to_have_count(1)
+                expect(row).to_contain_text("index.series")  # the index version it saw
+            screenshot(page, "audit")
             page.click("text=Log out")
 
             # operations shows the export's throughput
             _login(page, base_url, "operator")
             expect(page).to_have_url(f"{base_url}/operations")
-            request_id = request_url.rsplit("/", 1)[1]
             expect(page.locator("#exports")).to_contain_text(f"request-{request_id}.zarr")
             expect(page.locator("#ledger")).to_contain_text(f"request-{request_id}.zarr")
             export_line = page.locator("#chart-mbps-60m polyline[data-kind='export']")
