@@ -153,9 +153,11 @@ EXPECTED: dict[str, set[str]] = {
     "imgindex.web.app": {"ACCESS", "MIN_COUNT", "create_app", "roles_for"},
     "imgindex.web.accounts": {"ROLES", "Accounts", "AuditEntry", "User"},
     "imgindex.web.cohorts": {
+        "CodeSuggestion",
         "DOMAIN_LABELS",
         "GROUPS",
         "Preview",
+        "code_suggestions",
         "cohort_to_form",
         "criteria_rows",
         "deidentified_selection",
