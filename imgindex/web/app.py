@@ -17,7 +17,8 @@ front-end build, nothing downloaded at run time):
   download, and an export request to submit.
 - ``/requests`` (everyone signed in: researchers see their own): export requests
   (:mod:`imgindex.web.requests`); ``/review/{id}`` (reviewers) approves or rejects one; an
-  approved request is exported, de-identified, by a background runner.
+  approved request is exported, de-identified, by a background runner; ``/retry/{id}``
+  (operators) exports a failed one again.
 - ``/audit`` (reviewers, operators): the audit trail.
 - ``/dicom-web/...`` (researchers, operators): QIDO-RS over the index
   (:func:`imgindex.web.qido.qido_app`); DICOMweb clients sign in with HTTP Basic.
@@ -72,6 +73,7 @@ ACCESS: Final[tuple[tuple[str, frozenset[str] | None], ...]] = (
     ("/cohorts", frozenset({"researcher"})),
     ("/requests", frozenset({"researcher", "reviewer", "operator"})),
     ("/review/", frozenset({"reviewer"})),
+    ("/retry/", frozenset({"operator"})),
     ("/series/", frozenset({"researcher", "reviewer"})),
     ("/operations", frozenset({"operator"})),
     ("/metrics", frozenset({"operator"})),
@@ -143,6 +145,7 @@ def create_app(
         Route("/requests/{id:int}", pages.request_detail),
         Route("/requests/{id:int}/cohort.yaml", pages.request_yaml),
         Route("/review/{id:int}", pages.review, methods=["POST"]),
+        Route("/retry/{id:int}", pages.retry, methods=["POST"]),
         Route("/series/{uid}", pages.series),
         Route("/series/{uid}/thumbnail.png", pages.thumbnail),
         Route("/operations", pages.operations),
@@ -672,6 +675,28 @@ class _Pages:
             response.status_code = 409
             return response
         if decision == "approve" and self.runner is not None:
+            self.runner.wake()
+        return RedirectResponse(f"/requests/{request_id}", status_code=303)
+
+    async def retry(self, request: Request) -> Response:
+        """An operator's "export again" of a failed request; wakes the export runner."""
+        from imgindex.web.requests import RequestError
+
+        form = await self._form(request)
+        if isinstance(form, Response):
+            return form
+        user: User = request.state.user
+        request_id = request.path_params["id"]
+        try:
+            await run_in_threadpool(self.requests_.retry, request_id, user)
+        except RequestError as exc:
+            found = self.requests_.get(request_id)
+            if found is None:
+                return PlainTextResponse("not found", status_code=404)
+            response = self._render(request, "request.html", req=found, error=str(exc))
+            response.status_code = 409
+            return response
+        if self.runner is not None:
             self.runner.wake()
         return RedirectResponse(f"/requests/{request_id}", status_code=303)
 

@@ -482,6 +482,43 @@ class Requests:
         logger.info("request %d %s by %s", request_id, status, reviewer.name)
         return self._require(request_id)
 
+    def retry(self, request_id: int, operator: User) -> ExportRequest:
+        """Export a ``failed`` request again (operators, after fixing what failed it): it
+        goes back to ``exporting``, unclaimed, so the runner resumes its export (series
+        already complete are kept; the others are tried again). Audits ``export_retried``.
+
+        Raises
+        ------
+        RequestError
+            For a user who is not an operator, an unknown request, or one not ``failed``.
+        """
+        if operator.role != "operator":
+            raise RequestError(
+                f"only operators export a failed request again, not {operator.role}s"
+            )
+        request = self._require(request_id)
+        with self._db() as con:
+            changed = con.execute(
+                "UPDATE requests SET status = 'exporting', claimed_by = NULL, child_pid = NULL, "
+                "heartbeat_at = NULL, finished_at = NULL, outcome = '{}' "
+                "WHERE id = ? AND status = 'failed'",
+                (request_id,),
+            ).rowcount
+        if changed != 1:
+            current = self._require(request_id)
+            raise RequestError(
+                f"request {request_id} is {current.status}: only a failed request is exported again"
+            )
+        self.accounts.audit(
+            operator.name,
+            "export_retried",
+            request.target,
+            {"previous": request.outcome.get("message", "")},
+            index_version=request.versions,
+        )
+        logger.info("request %d sent to export again by %s", request_id, operator.name)
+        return self._require(request_id)
+
     # -- the export runner ---------------------------------------------------------------
 
     def claim_next(self) -> ExportRequest | None:

@@ -126,6 +126,7 @@ POSTS = {
     "/cohorts/selection.parquet": frozenset({"researcher"}),
     "/requests": frozenset({"researcher"}),
     "/review/1": frozenset({"reviewer"}),
+    "/retry/1": frozenset({"operator"}),
     "/logout": frozenset(ROLES),
 }
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -31,7 +32,7 @@ from imgindex.cohort.examples import example_cohorts
 from imgindex.emr import Emr
 from imgindex.errors import CohortError
 from imgindex.export import read_manifest
-from imgindex.web.accounts import ROLES, Accounts
+from imgindex.web.accounts import ROLES, Accounts, User
 from imgindex.web.app import create_app
 from imgindex.web.cohorts import (
     _days_histogram,
@@ -40,6 +41,7 @@ from imgindex.web.cohorts import (
     form_to_cohort,
     shown,
 )
+from imgindex.web.requests import Requests
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -520,3 +522,37 @@ def test_requests_are_seen_and_reviewed_only_by_whom_they_concern(
         e.action for e in Accounts(root).audit_trail() if e.target == f"request/{request_id}"
     ]
     assert actions == ["request_rejected", "request_submitted"]  # newest first
+
+
+def test_an_operator_exports_a_failed_request_again(
+    demo: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    # A copy: the module's app runs an export runner on the demo's root.
+    root = shutil.copytree(demo[0], tmp_path / "root", symlinks=True)
+    requests = Requests(root, Accounts(root))
+    made = requests.submit(
+        User("researcher", "researcher"), form_to_cohort(_mi_cad_form(demo, "")), PURPOSE
+    )
+    requests.review(made.id, User("reviewer", "reviewer"), approve=True, comment="ok")
+    claimed = requests.claim_next()
+    assert claimed is not None
+    assert claimed.id == made.id
+    requests.finish(made.id, ok=False, outcome={"message": "the disk was full"})
+    path = f"/requests/{made.id}"
+    with serve_app(create_app(root, run_exports=False)) as url:
+        with _client(url, "reviewer") as (client, csrf):
+            assert "Export again" not in client.get(path).text
+            assert client.post(f"/retry/{made.id}", data={"csrf": csrf}).status_code == 403
+        with _client(url, "operator") as (client, csrf):
+            page = client.get(path).text
+            assert "the disk was full" in page
+            assert 'id="retry"' in page
+            again = client.post(f"/retry/{made.id}", data={"csrf": csrf})
+            assert again.status_code == 303
+            assert 'id="request-status">exporting' in client.get(path).text
+            twice = client.post(f"/retry/{made.id}", data={"csrf": csrf})
+            assert twice.status_code == 409
+            assert "only a failed request" in twice.text
+    retried = next(e for e in Accounts(root).audit_trail() if e.target == f"request/{made.id}")
+    assert (retried.action, retried.user) == ("export_retried", "operator")
+    assert retried.detail["previous"] == "the disk was full"

@@ -528,10 +528,11 @@ def test_the_runner_exports_an_approved_request_deidentified(
     assert not runner.is_running
 
 
-def test_a_failing_export_ends_failed_with_a_message(
+def test_a_failed_export_says_why_and_an_operator_sends_it_again(
     root: Path, accounts: Accounts, requests: Requests, runners: list[ExportRunner]
 ) -> None:
     request = _approved(requests, with_emr=False)
+    good = request.selection_path.read_bytes()
     request.selection_path.write_bytes(b"not parquet at all")
     runner = _runner(root, requests, runners)
     runner.start()
@@ -548,6 +549,30 @@ def test_a_failing_export_ends_failed_with_a_message(
     assert str(request.selection_path) in message
     finished = _trail(accounts, done)[-1]
     assert (finished.action, finished.detail["status"]) == ("export_finished", "failed")
+
+    # What failed it is repaired; an operator, and only an operator, sends it again.
+    request.selection_path.write_bytes(good)
+    for user in (ANN, RITA):
+        with pytest.raises(RequestError, match="only operators"):
+            requests.retry(request.id, user)
+    retried = requests.retry(request.id, OTTO)
+    assert (retried.status, retried.outcome, retried.finished_at) == ("exporting", {}, None)
+    with pytest.raises(RequestError, match="only a failed request"):
+        requests.retry(request.id, OTTO)
+    runner.wake()
+    assert runner.wait_idle(RUN_TIMEOUT_S)
+    again = requests.get(request.id)
+    assert again is not None
+    assert again.status == "exported", again.outcome
+    assert (again.outcome["complete"], again.outcome["failed"]) == (3, 0)
+    actions = [e.action for e in _trail(accounts, again)]
+    assert actions[-4:] == [
+        "export_finished",
+        "export_retried",
+        "export_started",
+        "export_finished",
+    ]
+    assert _trail(accounts, again)[-3].user == "otto"
 
 
 @pytest.mark.parametrize("root", ["big"], indirect=True)
