@@ -321,7 +321,10 @@ def test_pickled_readers_work_in_other_processes(
     copy = pickle.loads(state)
     np.testing.assert_array_equal(copy[5:9, 2], written["blosc-lz4/shards"][5:9, 2])
     selections: list[Any] = [5, (slice(2, 20), 3), (slice(None), slice(1, 5), -1)]
-    for method in ("spawn", "fork"):
+    # Not "fork": this test process runs other libraries' threads (polars', obstore's tokio
+    # runtime), and a child forked while one holds a lock can hang (a run outside CI's
+    # network namespace hung in Pool.terminate); Python warns of it from 3.12.
+    for method in ("spawn", "forkserver"):
         context = multiprocessing.get_context(method)
         with context.Pool(1) as pool:
             results = pool.starmap(_read_in_child, [(reader, s) for s in selections])
