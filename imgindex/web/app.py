@@ -18,7 +18,8 @@ front-end build, nothing downloaded at run time):
 - ``/requests`` (everyone signed in: researchers see their own): export requests
   (:mod:`imgindex.web.requests`); ``/review/{id}`` (reviewers) approves or rejects one; an
   approved request is exported, de-identified, by a background runner; ``/retry/{id}``
-  (operators) exports a failed one again.
+  (operators) exports a failed one again; ``/withdraw/{id}`` (its researcher) withdraws one
+  whose export has not begun.
 - ``/audit`` (reviewers, operators): the audit trail.
 - ``/dicom-web/...`` (researchers, operators): QIDO-RS over the index
   (:func:`imgindex.web.qido.qido_app`); DICOMweb clients sign in with HTTP Basic.
@@ -54,7 +55,7 @@ from imgindex.index import Index
 from imgindex.web.accounts import Accounts, User
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Callable
 
     from starlette.datastructures import FormData
     from starlette.requests import Request
@@ -74,6 +75,7 @@ ACCESS: Final[tuple[tuple[str, frozenset[str] | None], ...]] = (
     ("/requests", frozenset({"researcher", "reviewer", "operator"})),
     ("/review/", frozenset({"reviewer"})),
     ("/retry/", frozenset({"operator"})),
+    ("/withdraw/", frozenset({"researcher"})),
     ("/series/", frozenset({"researcher", "reviewer"})),
     ("/operations", frozenset({"operator"})),
     ("/metrics", frozenset({"operator"})),
@@ -146,6 +148,7 @@ def create_app(
         Route("/requests/{id:int}/cohort.yaml", pages.request_yaml),
         Route("/review/{id:int}", pages.review, methods=["POST"]),
         Route("/retry/{id:int}", pages.retry, methods=["POST"]),
+        Route("/withdraw/{id:int}", pages.withdraw, methods=["POST"]),
         Route("/series/{uid}", pages.series),
         Route("/series/{uid}/thumbnail.png", pages.thumbnail),
         Route("/operations", pages.operations),
@@ -680,6 +683,20 @@ class _Pages:
 
     async def retry(self, request: Request) -> Response:
         """An operator's "export again" of a failed request; wakes the export runner."""
+        response = await self._request_step(request, self.requests_.retry)
+        if response.status_code == 303 and self.runner is not None:
+            self.runner.wake()
+        return response
+
+    async def withdraw(self, request: Request) -> Response:
+        """A researcher withdraws their request before its export begins."""
+        return await self._request_step(request, self.requests_.withdraw)
+
+    async def _request_step(
+        self, request: Request, step: Callable[[int, User], ExportRequest]
+    ) -> Response:
+        """Take ``step`` on the request of the path as the signed-in user: back to its
+        page, or its page with why not (409)."""
         from imgindex.web.requests import RequestError
 
         form = await self._form(request)
@@ -687,17 +704,17 @@ class _Pages:
             return form
         user: User = request.state.user
         request_id = request.path_params["id"]
+        found = self._visible(request)
+        if found is None:
+            return PlainTextResponse("not found", status_code=404)
         try:
-            await run_in_threadpool(self.requests_.retry, request_id, user)
+            await run_in_threadpool(step, request_id, user)
         except RequestError as exc:
-            found = self.requests_.get(request_id)
-            if found is None:
-                return PlainTextResponse("not found", status_code=404)
-            response = self._render(request, "request.html", req=found, error=str(exc))
+            response = self._render(
+                request, "request.html", req=self.requests_.get(request_id), error=str(exc)
+            )
             response.status_code = 409
             return response
-        if self.runner is not None:
-            self.runner.wake()
         return RedirectResponse(f"/requests/{request_id}", status_code=303)
 
 

@@ -3,9 +3,10 @@
 The life of a request (:data:`STATUSES`)::
 
     submitted ──► approved ──► exporting ──► exported
-        │                        │  ▲
-        └──► rejected            │  └── a stopped or killed server: resumed on the next start
-                                 └────► failed
+        │   │         │          │  ▲
+        │   └──► rejected        │  └── a stopped or killed server: resumed on the next start
+        └─────────────┴──► withdrawn (by its researcher, before the export begins)
+                                 └────► failed ──► exporting (an operator's retry)
 
 - :meth:`Requests.submit` (researchers) runs the cohort at once and keeps what it selected,
   ``ROOT/web/requests/<id>/selection.parquet`` and ``cohort.yaml``, so the reviewer judges,
@@ -61,7 +62,15 @@ __all__ = ["STATUSES", "ExportRequest", "ExportRunner", "RequestError", "Request
 logger = logging.getLogger(__name__)
 
 #: A request's statuses, in the order it goes through them.
-STATUSES: Final = ("submitted", "approved", "rejected", "exporting", "exported", "failed")
+STATUSES: Final = (
+    "submitted",
+    "approved",
+    "rejected",
+    "withdrawn",
+    "exporting",
+    "exported",
+    "failed",
+)
 #: Characters of text a purpose needs at least (whitespace runs count as one), and at most.
 MIN_PURPOSE: Final = 20
 MAX_PURPOSE: Final = 5000
@@ -418,6 +427,40 @@ class Requests:
         )
         logger.info("request %d submitted by %s", request_id, user.name)
         return request
+
+    def withdraw(self, request_id: int, researcher: User) -> ExportRequest:
+        """Withdraw a request (its researcher, before its export begins: ``submitted`` or
+        ``approved``). Audits ``request_withdrawn``.
+
+        Raises
+        ------
+        RequestError
+            For another user, an unknown request, or one already exporting, exported,
+            failed, rejected or withdrawn.
+        """
+        request = self._require(request_id)
+        if researcher.name != request.requester:
+            raise RequestError("only the researcher who submitted a request withdraws it")
+        with self._db() as con:
+            changed = con.execute(
+                "UPDATE requests SET status = 'withdrawn', finished_at = ? "
+                "WHERE id = ? AND status IN ('submitted', 'approved')",
+                (_now(), request_id),
+            ).rowcount
+        if changed != 1:
+            current = self._require(request_id)
+            raise RequestError(
+                f"request {request_id} is {current.status}: only a request not yet exporting "
+                "is withdrawn"
+            )
+        self.accounts.audit(
+            researcher.name,
+            "request_withdrawn",
+            request.target,
+            {"was": request.status},
+            index_version=request.versions,
+        )
+        return self._require(request_id)
 
     def review(
         self, request_id: int, reviewer: User, *, approve: bool, comment: str

@@ -127,6 +127,7 @@ POSTS = {
     "/requests": frozenset({"researcher"}),
     "/review/1": frozenset({"reviewer"}),
     "/retry/1": frozenset({"operator"}),
+    "/withdraw/1": frozenset({"researcher"}),
     "/logout": frozenset(ROLES),
 }
 

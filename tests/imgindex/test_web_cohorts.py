@@ -524,6 +524,28 @@ def test_requests_are_seen_and_reviewed_only_by_whom_they_concern(
     assert actions == ["request_rejected", "request_submitted"]  # newest first
 
 
+def test_a_researcher_withdraws_their_request(demo: tuple[Path, dict[str, str]]) -> None:
+    with serve_app(create_app(demo[0], run_exports=False)) as url:
+        with _client(url, "researcher") as (client, csrf):
+            made = client.post("/requests", data={**_mi_cad_form(demo, csrf), "purpose": PURPOSE})
+            path = made.headers["location"]
+            assert 'id="withdraw"' in client.get(path).text
+        withdraw = path.replace("/requests/", "/withdraw/")
+        with _client(url, "bob") as (client, csrf):
+            assert client.post(withdraw, data={"csrf": csrf}).status_code == 404  # not bob's
+        with _client(url, "researcher") as (client, csrf):
+            assert client.post(withdraw, data={"csrf": csrf}).status_code == 303
+            page = client.get(path).text
+            assert 'id="request-status">withdrawn' in page
+            assert 'id="withdraw"' not in page
+            assert client.post(withdraw, data={"csrf": csrf}).status_code == 409
+        with _client(url, "reviewer") as (client, csrf):
+            review = path.replace("/requests/", "/review/")
+            late = client.post(review, data={"csrf": csrf, "decision": "approve"})
+            assert late.status_code == 409
+            assert "withdrawn" in _text(late.text)
+
+
 def test_an_operator_exports_a_failed_request_again(
     demo: tuple[Path, dict[str, str]], tmp_path: Path
 ) -> None:

@@ -631,4 +631,38 @@ def test_a_stopped_runner_leaves_the_export_to_resume(
 
 
 def test_statuses_are_the_documented_ones() -> None:
-    assert STATUSES == ("submitted", "approved", "rejected", "exporting", "exported", "failed")
+    assert STATUSES == (
+        "submitted",
+        "approved",
+        "rejected",
+        "withdrawn",
+        "exporting",
+        "exported",
+        "failed",
+    )
+
+
+def test_a_researcher_withdraws_a_request_before_its_export_begins(
+    root: Path, accounts: Accounts, requests: Requests, runners: list[ExportRunner]
+) -> None:
+    submitted = requests.submit(ANN, _cohort(), PURPOSE)
+    for other in (BOB, RITA, OTTO):
+        with pytest.raises(RequestError, match="only the researcher who submitted"):
+            requests.withdraw(submitted.id, other)
+    assert requests.withdraw(submitted.id, ANN).status == "withdrawn"
+    with pytest.raises(RequestError, match="is withdrawn"):
+        requests.review(submitted.id, RITA, approve=True, comment="too late")
+    approved = _approved(requests)
+    assert requests.withdraw(approved.id, ANN).status == "withdrawn"
+    runner = _runner(root, requests, runners)
+    runner.start()
+    assert runner.wait_idle(RUN_TIMEOUT_S)  # nothing to export: both withdrawn
+    assert requests.claim_next() is None
+    assert not (root / "exports" / f"request-{approved.id}.zarr").exists()
+    exported = _approved(requests)
+    runner.wake()
+    assert runner.wait_idle(RUN_TIMEOUT_S)
+    with pytest.raises(RequestError, match="is exported: only a request not yet exporting"):
+        requests.withdraw(exported.id, ANN)
+    actions = [e.action for e in _trail(accounts, approved)]
+    assert actions == ["request_submitted", "request_approved", "request_withdrawn"]
