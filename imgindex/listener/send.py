@@ -1,7 +1,8 @@
 """Send DICOM files to a Storage SCP with pynetdicom: what the demo uses to feed the listener.
 
 Files are sent as they are on disk (pynetdicom reads the file meta and sends the data set
-bytes without decoding them), over a few associations in parallel.
+bytes without decoding them), over a few associations in parallel; a file whose response does
+not come is sent again over a new association.
 """
 
 from __future__ import annotations
@@ -20,12 +21,18 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from pathlib import Path
 
+    from pynetdicom.association import Association
+
 __all__ = ["SendSummary", "send_files"]
 
 logger = logging.getLogger(__name__)
 
 #: pynetdicom proposes at most 128 presentation contexts per association (PS3.8 9.3.2.2).
 _MAX_CONTEXTS = 128
+#: Seconds to wait for a C-STORE response, and how many times in all files are sent again
+#: after a response that did not come.
+RESPONSE_TIMEOUT_S = 10.0
+RESENDS = 5
 
 
 @dataclass
@@ -87,24 +94,48 @@ def send_files(
     files = [p for key in keys for p in groups[key]]
     lock = threading.Lock()
 
-    def worker(share: list[Path]) -> None:
+    def associate() -> tuple[AE, Association]:
         ae = AE(ae_title=calling_aet)
+        ae.dimse_timeout = RESPONSE_TIMEOUT_S
         for sop_class, syntax in keys:
             ae.add_requested_context(sop_class, [syntax])
         assoc = ae.associate(host, port, ae_title=called_aet)
         if not assoc.is_established:
             raise ConnectionError(f"association with {called_aet}@{host}:{port} failed")
-        try:
-            for path in share:
-                status = assoc.send_c_store(path)
-                code = int(status.Status) if "Status" in status else -1
-                with lock:
-                    summary.statuses[code] += 1
-                    summary.sent += code == 0
-                if on_sent is not None:
-                    on_sent(1)
-        finally:
-            assoc.release()
+        return ae, assoc
+
+    def worker(share: list[Path]) -> None:
+        pending = list(share)
+        resends = 0
+        while pending:
+            ae, assoc = associate()
+            try:
+                while pending:
+                    status = assoc.send_c_store(pending[0])
+                    if "Status" not in status:
+                        # No response: the SCP did not answer in time, or pynetdicom's reactor
+                        # took the response meant for send_c_store (a race in pausing it,
+                        # pynetdicom issue #875; it aborts the association). Like a modality,
+                        # send the file again over a new association.
+                        resends += 1
+                        if resends > RESENDS:
+                            raise ConnectionError(
+                                f"no C-STORE response from {called_aet}@{host}:{port} for "
+                                f"{pending[0]} after {RESENDS} resends"
+                            )
+                        logger.warning("no C-STORE response for %s: sending it again", pending[0])
+                        break
+                    code = int(status.Status)
+                    with lock:
+                        summary.statuses[code] += 1
+                        summary.sent += code == 0
+                    pending.pop(0)
+                    if on_sent is not None:
+                        on_sent(1)
+            finally:
+                if assoc.is_established:
+                    assoc.release()
+                ae.shutdown()
 
     n = max(1, min(associations, len(files)))
     shares = [files[i::n] for i in range(n)]

@@ -636,6 +636,10 @@ def raw_sending() -> Iterator[None]:
         _config.STORE_SEND_CHUNKED_DATASET = before
 
 
+#: How often send_files sends again after a response pynetdicom lost.
+LOST_RESPONSE_RETRIES = 3
+
+
 def send_files(
     port: int,
     files: Sequence[Path],
@@ -651,16 +655,31 @@ def send_files(
         File to C-STORE status (None if no response came).
     """
     contexts = [(meta_of(f)[0], meta_of(f)[2]) for f in files]
-    ae = scu(contexts, aet=aet)
-    assoc = ae.associate(HOST, port, tls_args=tls_args)
-    assert assoc.is_established, f"association from {aet} not established"
     statuses: dict[Path, int | None] = {}
-    try:
-        with raw_sending():
-            for file in files:
-                statuses[file] = status_of(assoc.send_c_store(file))
-    finally:
-        if assoc.is_established:
-            assoc.release()
-        ae.shutdown()
+    pending = list(files)
+    for _ in range(LOST_RESPONSE_RETRIES + 1):
+        ae = scu(contexts, aet=aet)
+        assoc = ae.associate(HOST, port, tls_args=tls_args)
+        assert assoc.is_established, f"association from {aet} not established"
+        lost = False
+        try:
+            with raw_sending():
+                while pending:
+                    started = time.monotonic()
+                    status = status_of(assoc.send_c_store(pending[0]))
+                    if status is None and time.monotonic() - started >= 0.9 * TIMEOUT:
+                        # pynetdicom's requestor can hand a response to its reactor thread
+                        # instead of the waiting send_c_store (pynetdicom issue #875, under
+                        # load): the listener answered, the client lost it. Send it again.
+                        lost = True
+                        break
+                    statuses[pending.pop(0)] = status
+        finally:
+            if assoc.is_established:
+                assoc.release()
+            ae.shutdown()
+        if not lost:
+            break
+    for file in pending:
+        statuses[file] = None
     return statuses

@@ -337,22 +337,29 @@ def test_the_demo_leaves_the_app_running(tmp_path: Path) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    demo = subprocess.Popen(
-        [IMGINDEX, "demo", "--root", str(tmp_path / "demo"), "--size-mb", "5", "--serve",
-         "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
+    errors = tmp_path / "demo.stderr"
+    with errors.open("w") as stderr:
+        demo = subprocess.Popen(
+            [IMGINDEX, "demo", "--root", str(tmp_path / "demo"), "--size-mb", "5", "--serve",
+             "--port", str(port)],
+            stdout=subprocess.PIPE, stderr=stderr, text=True,
+        )  # fmt: skip
     try:
         assert demo.stdout is not None
         passwords: dict[str, str] = {}
+        shown: list[str] = []
         deadline = time.monotonic() + 240
         for line in demo.stdout:
+            shown.append(line)
             words = line.split()
             if len(words) == 3 and words[0] in ROLES and words[1] == "password":
                 passwords[words[0]] = words[2]
             if f"http://127.0.0.1:{port}/" in line or time.monotonic() > deadline:
                 break
-        assert set(passwords) == set(ROLES)
+        assert set(passwords) == set(ROLES), (
+            f"the demo stopped (exit {demo.poll()}):\n{''.join(shown[-30:])}\n"
+            f"{errors.read_text()[-4000:]}"
+        )
         base = f"http://127.0.0.1:{port}"
         with httpx.Client(base_url=base, follow_redirects=False, timeout=30) as client:
             for _ in range(100):  # the server starts right after the line
