@@ -140,29 +140,41 @@ def tiny_series(seed: int, n: int, size: int = 16) -> list[Dataset]:
     return list(iter_series(seed, "CT", n, size, size))
 
 
+#: The sender's wait for a C-STORE response, and how often it sends again after one was lost.
+SENDER_DIMSE_TIMEOUT = 5.0
+LOST_RESPONSE_RETRIES = 3
+
+
 def send_datasets(
     port: int, datasets: list[Dataset], *, aet: str = "PYNETDICOM"
 ) -> dict[str, int | None]:
     """C-STORE `datasets` over one pynetdicom association; SOPInstanceUID to status."""
-    ae = scu(
-        {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}, aet=aet
-    )
-    assoc = ae.associate(HOST, port)
-    assert assoc.is_established
+    contexts = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}
     statuses: dict[str, int | None] = {}
-    try:
-        for ds in datasets:
-            statuses[str(ds.SOPInstanceUID)] = status_of(assoc.send_c_store(ds))
-    finally:
-        if assoc.is_established:
-            assoc.release()
-        ae.shutdown()
+    pending = list(datasets)
+    for _ in range(LOST_RESPONSE_RETRIES + 1):
+        ae = scu(contexts, aet=aet)
+        ae.dimse_timeout = SENDER_DIMSE_TIMEOUT
+        assoc = ae.associate(HOST, port)
+        assert assoc.is_established
+        lost = False
+        try:
+            while pending:
+                started = time.monotonic()
+                status = status_of(assoc.send_c_store(pending[0]))
+                if status is None and time.monotonic() - started >= 0.9 * SENDER_DIMSE_TIMEOUT:
+                    lost = True  # a response pynetdicom lost (see Sender): send it again
+                    break
+                statuses[str(pending.pop(0).SOPInstanceUID)] = status
+        finally:
+            if assoc.is_established:
+                assoc.release()
+            ae.shutdown()
+        if not lost:
+            break
+    for ds in pending:
+        statuses[str(ds.SOPInstanceUID)] = None
     return statuses
-
-
-#: The sender's wait for a C-STORE response, and how often it sends again after one was lost.
-SENDER_DIMSE_TIMEOUT = 5.0
-LOST_RESPONSE_RETRIES = 3
 
 
 class Sender:
