@@ -16,7 +16,9 @@ listener, crawl or export is running, and never takes a lock a writer needs.
 - **exports**: per export, series by outcome, DICOM bytes in, MB/s over the series' own
   seconds, and failures by reason;
 - **ledger**: the latest rows of the transfer ledger, one per exported series;
-- **rejects**: files and values refused, by reason.
+- **rejects**: files and values refused, by reason;
+- **requests**: the web app's export requests by status (waiting for review, approved and
+  waiting for the export runner, exporting, failed).
 
 Throughput kinds (:data:`KINDS`). The ``source`` column says who sent an instance but not
 how (a listener's calling AE title and a crawl's ``--source-name`` are free text), so an
@@ -143,6 +145,8 @@ class Status:
     exports: list[dict[str, Any]] = field(default_factory=list)
     export_failures: list[dict[str, Any]] = field(default_factory=list)
     rejects: list[dict[str, Any]] = field(default_factory=list)
+    #: The web app's export requests by status (``imgindex serve``; empty without it).
+    requests: dict[str, int] = field(default_factory=dict)
     #: Window name (:data:`SERIES_WINDOWS`) -> the series.
     throughput: dict[str, Throughput] = field(default_factory=dict)
     #: Per kind and average window (:data:`AVERAGES`): bytes, instances, MB/s, instances/s.
@@ -173,6 +177,11 @@ class Status:
             f"({b['wal_bytes'] / 1e6:,.1f} MB), {b['incoming_files']} received files "
             f"waiting for the indexer ({b['incoming_bytes'] / 1e6:,.1f} MB)"
         )
+        if self.requests:
+            lines.append(
+                "export requests (imgindex serve): "
+                + ", ".join(f"{n} {status}" for status, n in self.requests.items())
+            )
         lines.append("intake (instances indexed, by source):")
         if not self.intake:
             lines.append("  nothing indexed in the last 24 hours")
@@ -310,6 +319,7 @@ def collect_status(root: str | os.PathLike[str], *, now: dt.datetime | None = No
         index={k: int(v or 0) for k, v in counts.items()},
         intake=intake,
         backlog=_backlog(root),
+        requests=_requests(root),
         crawls=crawls,
         exports=exports,
         export_failures=export_failures,
@@ -372,6 +382,27 @@ def _rates(throughput: dict[str, Throughput]) -> list[dict[str, Any]]:
                 }
             )
     return rates
+
+
+def _requests(root: Path) -> dict[str, int]:
+    """The web app's export requests by status, from ``ROOT/web/app.sqlite`` opened read-only
+    (nothing when the app never ran, or has no request yet)."""
+    import sqlite3
+
+    path = root / "web" / "app.sqlite"
+    if not path.is_file():
+        return {}
+    try:
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
+        try:
+            rows = con.execute("SELECT status, count(*) FROM requests GROUP BY status").fetchall()
+        finally:
+            con.close()
+    except sqlite3.OperationalError:  # no requests table yet, or the file is being made
+        return {}
+    order = ("submitted", "approved", "exporting", "failed", "exported", "rejected", "withdrawn")
+    counts = {str(status): int(n) for status, n in rows}
+    return {k: counts[k] for k in (*order, *sorted(set(counts) - set(order))) if k in counts}
 
 
 def _backlog(root: Path) -> dict[str, int]:

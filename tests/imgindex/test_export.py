@@ -398,7 +398,11 @@ def test_dask_runs_the_same_export(
         protocol="tcp",
         host="127.0.0.1",
         scheduler_port=0,
-        dashboard_address=None,
+        # The scheduler serves HTTP (health, metrics) even without its dashboard: on
+        # loopback and a free port, not on every interface at 8787 (where two of these
+        # clusters at once collide).
+        dashboard_address="127.0.0.1:0",
+        scheduler_kwargs={"dashboard": False},
         local_directory=str(tmp_path / "dask"),
     ) as cluster:
         summary = export(

@@ -666,3 +666,22 @@ def test_a_researcher_withdraws_a_request_before_its_export_begins(
         requests.withdraw(exported.id, ANN)
     actions = [e.action for e in _trail(accounts, approved)]
     assert actions == ["request_submitted", "request_approved", "request_withdrawn"]
+
+
+def test_status_counts_the_requests_by_status(
+    root: Path, accounts: Accounts, requests: Requests
+) -> None:
+    from imgindex.status import collect_status
+
+    assert collect_status(root).requests == {}  # the app's database has no request yet
+    first = requests.submit(ANN, _cohort(), PURPOSE)
+    second = requests.submit(BOB, _cohort(), PURPOSE)
+    requests.submit(ANN, _cohort(), PURPOSE)
+    requests.review(first.id, RITA, approve=True, comment="fine")
+    requests.review(second.id, RITA, approve=False, comment="no purpose given")
+    status = collect_status(root)
+    assert status.requests == {"submitted": 1, "approved": 1, "rejected": 1}
+    assert "export requests (imgindex serve): 1 submitted, 1 approved, 1 rejected" in (
+        status.describe()
+    )
+    assert status.to_dict()["requests"] == {"submitted": 1, "approved": 1, "rejected": 1}
