@@ -470,7 +470,7 @@ class _Pages:
     def _cohort_of(self, form: FormData) -> Any:
         from imgindex.web.cohorts import form_to_cohort
 
-        return form_to_cohort({k: str(v) for k, v in form.multi_items() if isinstance(v, str)})
+        return form_to_cohort(_values(form))
 
     async def cohort_preview(self, request: Request) -> Response:
         """The builder's live result: the attrition, charts and YAML (an HTML fragment)."""
@@ -521,13 +521,7 @@ class _Pages:
             cohort = self._cohort_of(form)
         except CohortError as exc:
             return PlainTextResponse(f"the cohort is not complete:\n{exc}", status_code=422)
-        return Response(
-            cohort.to_yaml(),
-            media_type="application/yaml",
-            headers={
-                "Content-Disposition": f'attachment; filename="{_filename(cohort.name)}.yaml"'
-            },
-        )
+        return _attachment(cohort.to_yaml(), "application/yaml", f"{cohort.name}.yaml")
 
     async def cohort_selection(self, request: Request) -> Response:
         """The form's selection, de-identified with the catalog's key (the export's
@@ -560,14 +554,8 @@ class _Pages:
             {"cohort": cohort.name, "persons": found.persons, "series": found.series},
             found.selection.versions,
         )
-        return Response(
-            buffer.getvalue(),
-            media_type="application/vnd.apache.parquet",
-            headers={
-                "Content-Disposition": (
-                    f'attachment; filename="{_filename(cohort.name)}.selection.parquet"'
-                )
-            },
+        return _attachment(
+            buffer.getvalue(), "application/vnd.apache.parquet", f"{cohort.name}.selection.parquet"
         )
 
     # -- export requests ---------------------------------------------------------------------
@@ -595,7 +583,7 @@ class _Pages:
                 )
             )
         except (CohortError, RequestError) as exc:
-            values = {k: str(v) for k, v in form.multi_items() if isinstance(v, str)}
+            values = _values(form)
             response = self._builder(request, values, error=str(exc))
             response.status_code = 422
             return response
@@ -639,14 +627,8 @@ class _Pages:
         found = self._visible(request)
         if found is None:
             return PlainTextResponse("not found", status_code=404)
-        return Response(
-            found.cohort_yaml,
-            media_type="application/yaml",
-            headers={
-                "Content-Disposition": (
-                    f'attachment; filename="request-{found.id}-{_filename(found.cohort_name)}.yaml"'
-                )
-            },
+        return _attachment(
+            found.cohort_yaml, "application/yaml", f"request-{found.id}-{found.cohort_name}.yaml"
         )
 
     async def review(self, request: Request) -> Response:
@@ -718,6 +700,16 @@ class _Pages:
         return RedirectResponse(f"/requests/{request_id}", status_code=303)
 
 
-def _filename(name: str) -> str:
-    """``name`` safe in a Content-Disposition file name."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "cohort"
+def _values(form: FormData) -> dict[str, str]:
+    """A posted form's text fields (the last of a repeated name)."""
+    return {k: v for k, v in form.multi_items() if isinstance(v, str)}
+
+
+def _attachment(body: str | bytes, media_type: str, filename: str) -> Response:
+    """``body`` as a download named ``filename`` (made safe for the header)."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in filename) or "download"
+    return Response(
+        body,
+        media_type=media_type,
+        headers={"Content-Disposition": f'attachment; filename="{safe}"'},
+    )
