@@ -48,11 +48,7 @@ if TYPE_CHECKING:
 
     from playwright.sync_api import Page
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:Object at manifest.parquet:UserWarning"),
-    # One pytest-xdist worker runs this module, so the demo's catalog is built once.
-    pytest.mark.xdist_group("web-demo"),
-]
+pytestmark = pytest.mark.filterwarnings("ignore:Object at manifest.parquet:UserWarning")
 
 IMGINDEX = str(Path(sys.executable).with_name("imgindex"))
 PASSWORDS = {role: f"{role}-secret-1" for role in ROLES} | {"bob": "bob-secret-12"}
