@@ -151,7 +151,7 @@ EXPECTED: dict[str, set[str]] = {
     "imgindex.datasets": {"SAMPLES", "EpochSampler", "SeriesDataset"},
     "imgindex.web": {"qido_app"},
     "imgindex.web.app": {"ACCESS", "MIN_COUNT", "create_app", "roles_for"},
-    "imgindex.web.accounts": {"ROLES", "Accounts", "AuditEntry", "User"},
+    "imgindex.web.accounts": {"ROLES", "Accounts", "AuditEntry", "User", "transaction"},
     "imgindex.web.cohorts": {
         "CodeSuggestion",
         "DOMAIN_LABELS",

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     import os
     from collections.abc import Iterator, Mapping
 
-__all__ = ["ROLES", "Accounts", "AuditEntry", "User"]
+__all__ = ["ROLES", "Accounts", "AuditEntry", "User", "transaction"]
 
 #: The roles, least to most operational.
 ROLES: Final = ("researcher", "reviewer", "operator")
@@ -92,15 +92,8 @@ class Accounts:
 
     @contextlib.contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        con = sqlite3.connect(self.path, timeout=10)
-        try:
-            con.execute("PRAGMA journal_mode=WAL")
-            con.executescript(_SCHEMA)
-            with con:  # one transaction, committed on success
-                yield con
-        finally:
-            con.close()
+        with transaction(self.path, _SCHEMA) as con:
+            yield con
 
     def add_user(self, name: str, role: str, password: str) -> User:
         """Add a user (or replace their role and password).
@@ -191,6 +184,21 @@ class Accounts:
             AuditEntry(i, at, user, action, target, json.loads(detail or "{}"), version)
             for i, at, user, action, target, detail, version in rows
         ]
+
+
+@contextlib.contextmanager
+def transaction(path: Path, schema: str) -> Iterator[sqlite3.Connection]:
+    """A connection to the app's SQLite file ``path`` (made owner-only, in WAL mode, with the
+    tables of ``schema``), in one transaction committed on success, closed at the end."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    con = sqlite3.connect(path, timeout=10)
+    try:
+        con.execute("PRAGMA journal_mode=WAL")
+        con.executescript(schema)
+        with con:
+            yield con
+    finally:
+        con.close()
 
 
 def _now() -> str:

@@ -39,7 +39,6 @@ import os
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -52,6 +51,7 @@ from typing import TYPE_CHECKING, Any, Final
 from imgindex.errors import CohortError, ImgindexError
 
 if TYPE_CHECKING:
+    import sqlite3
     from collections.abc import Iterator, Mapping
 
     from imgindex.cohort import Cohort
@@ -234,15 +234,10 @@ class Requests:
     @contextlib.contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
         """A connection in one transaction, committed on success (as :class:`Accounts`)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        con = sqlite3.connect(self.path, timeout=10)
-        try:
-            con.execute("PRAGMA journal_mode=WAL")
-            con.executescript(_SCHEMA)
-            with con:
-                yield con
-        finally:
-            con.close()
+        from imgindex.web.accounts import transaction
+
+        with transaction(self.path, _SCHEMA) as con:
+            yield con
 
     def export_path_of(self, request_id: int) -> Path:
         """Where request ``request_id`` is exported: ``ROOT/exports/request-<id>.zarr``."""
