@@ -364,13 +364,17 @@ def form_to_cohort(values: Mapping[str, str]) -> Cohort:
 class Preview:
     """A cohort run for the builder: attrition and charts (exact counts; see :func:`shown`)."""
 
-    cohort: Cohort
     selection: Selection
     attrition: list[tuple[str, int, int]] = field(default_factory=list)
     persons: int = 0
     series: int = 0
     by_modality: list[tuple[str, int]] = field(default_factory=list)
     by_days: list[tuple[str, int]] = field(default_factory=list)
+
+    @property
+    def cohort(self) -> Cohort:
+        """The cohort run (resolved)."""
+        return self.selection.cohort
 
 
 def preview(
@@ -393,7 +397,6 @@ def preview(
         .iter_rows()
     ]
     return Preview(
-        cohort=selection.cohort,
         selection=selection,
         attrition=attrition,
         persons=table.get_column("person_id").n_unique() if table.height else 0,
