@@ -627,6 +627,28 @@ class Requests:
                     (time.time(), child_pid, request_id, self._owner),
                 )
 
+    def _unclaim(self, request_id: int, also_set: str, values: tuple[object, ...]) -> ExportRequest:
+        """Let go of an ``exporting`` request (claimed by nobody, no child), setting
+        ``also_set`` (``"column = ?, "`` ...) to ``values`` in the same update.
+
+        Raises
+        ------
+        RequestError
+            If the request is not ``exporting``.
+        """
+        with self._db() as con:
+            changed = con.execute(
+                f"UPDATE requests SET {also_set}claimed_by = NULL, child_pid = NULL "
+                "WHERE id = ? AND status = 'exporting'",
+                (*values, request_id),
+            ).rowcount
+        with _CLAIMED_LOCK:
+            _CLAIMED_HERE.discard(request_id)
+        request = self._require(request_id)
+        if changed != 1:
+            raise RequestError(f"request {request_id} is {request.status}, not exporting")
+        return request
+
     def release(self, request_id: int, reason: str) -> ExportRequest:
         """Leave ``request_id`` ``exporting`` but claimed by nobody, so that the next
         :meth:`claim_next` resumes it (a server stopping mid-export). Audits
@@ -637,17 +659,7 @@ class Requests:
         RequestError
             If the request is not ``exporting``.
         """
-        with self._db() as con:
-            changed = con.execute(
-                "UPDATE requests SET claimed_by = NULL, child_pid = NULL "
-                "WHERE id = ? AND status = 'exporting'",
-                (request_id,),
-            ).rowcount
-        with _CLAIMED_LOCK:
-            _CLAIMED_HERE.discard(request_id)
-        request = self._require(request_id)
-        if changed != 1:
-            raise RequestError(f"request {request_id} is {request.status}, not exporting")
+        request = self._unclaim(request_id, "", ())
         self.accounts.audit(
             RUNNER_USER,
             "export_stopped",
@@ -668,17 +680,11 @@ class Requests:
         """
         status = "exported" if ok else "failed"
         details = dict(outcome)
-        with self._db() as con:
-            changed = con.execute(
-                "UPDATE requests SET status = ?, outcome = ?, finished_at = ?, "
-                "claimed_by = NULL, child_pid = NULL WHERE id = ? AND status = 'exporting'",
-                (status, json.dumps(details, default=str, sort_keys=True), _now(), request_id),
-            ).rowcount
-        with _CLAIMED_LOCK:
-            _CLAIMED_HERE.discard(request_id)
-        request = self._require(request_id)
-        if changed != 1:
-            raise RequestError(f"request {request_id} is {request.status}, not exporting")
+        request = self._unclaim(
+            request_id,
+            "status = ?, outcome = ?, finished_at = ?, ",
+            (status, json.dumps(details, default=str, sort_keys=True), _now()),
+        )
         self.accounts.audit(
             RUNNER_USER,
             "export_finished",
