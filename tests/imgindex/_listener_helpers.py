@@ -636,8 +636,52 @@ def raw_sending() -> Iterator[None]:
         _config.STORE_SEND_CHUNKED_DATASET = before
 
 
-#: How often send_files sends again after a response pynetdicom lost.
+#: How often a sender sends again after a response pynetdicom lost.
 LOST_RESPONSE_RETRIES = 3
+
+
+def store_each(
+    port: int,
+    items: Sequence[Path | Dataset],
+    contexts: Iterable[tuple[str, str]],
+    *,
+    aet: str = "PYNETDICOM",
+    tls_args: tuple[ssl.SSLContext, str] | None = None,
+    dimse_timeout: float = TIMEOUT,
+    raw: bool = False,
+) -> list[int | None]:
+    """C-STORE each item (a file, or a data set) in order, over one association, or over a
+    new one after a response pynetdicom lost; their statuses (None: no response came).
+
+    pynetdicom's requestor can hand a response to its reactor thread instead of the waiting
+    ``send_c_store`` (pynetdicom issue #875, under load): the listener answered, the client
+    lost it, waited out ``dimse_timeout`` and aborted. The item is sent again, as a modality
+    would. ``raw``: send files' data set bytes unchanged (:func:`raw_sending`).
+    """
+    contexts = list(contexts)
+    statuses: list[int | None] = []
+    for _ in range(LOST_RESPONSE_RETRIES + 1):
+        ae = scu(contexts, aet=aet)
+        ae.dimse_timeout = dimse_timeout
+        assoc = ae.associate(HOST, port, tls_args=tls_args)
+        assert assoc.is_established, f"association from {aet} not established"
+        lost = False
+        try:
+            with raw_sending() if raw else contextlib.nullcontext():
+                while len(statuses) < len(items):
+                    started = time.monotonic()
+                    status = status_of(assoc.send_c_store(items[len(statuses)]))
+                    if status is None and time.monotonic() - started >= 0.9 * dimse_timeout:
+                        lost = True
+                        break
+                    statuses.append(status)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+            ae.shutdown()
+        if not lost:
+            break
+    return statuses + [None] * (len(items) - len(statuses))
 
 
 def send_files(
@@ -647,7 +691,7 @@ def send_files(
     aet: str = "PYNETDICOM",
     tls_args: tuple[ssl.SSLContext, str] | None = None,
 ) -> dict[Path, int | None]:
-    """Send each file's data set bytes unchanged over one pynetdicom association.
+    """Send each file's data set bytes unchanged (:func:`store_each`).
 
     Returns
     -------
@@ -655,31 +699,5 @@ def send_files(
         File to C-STORE status (None if no response came).
     """
     contexts = [(meta_of(f)[0], meta_of(f)[2]) for f in files]
-    statuses: dict[Path, int | None] = {}
-    pending = list(files)
-    for _ in range(LOST_RESPONSE_RETRIES + 1):
-        ae = scu(contexts, aet=aet)
-        assoc = ae.associate(HOST, port, tls_args=tls_args)
-        assert assoc.is_established, f"association from {aet} not established"
-        lost = False
-        try:
-            with raw_sending():
-                while pending:
-                    started = time.monotonic()
-                    status = status_of(assoc.send_c_store(pending[0]))
-                    if status is None and time.monotonic() - started >= 0.9 * TIMEOUT:
-                        # pynetdicom's requestor can hand a response to its reactor thread
-                        # instead of the waiting send_c_store (pynetdicom issue #875, under
-                        # load): the listener answered, the client lost it. Send it again.
-                        lost = True
-                        break
-                    statuses[pending.pop(0)] = status
-        finally:
-            if assoc.is_established:
-                assoc.release()
-            ae.shutdown()
-        if not lost:
-            break
-    for file in pending:
-        statuses[file] = None
-    return statuses
+    statuses = store_each(port, files, contexts, aet=aet, tls_args=tls_args, raw=True)
+    return dict(zip(files, statuses, strict=True))

@@ -31,6 +31,7 @@ import pytest
 from _listener_helpers import (
     CANNOT_UNDERSTAND,
     HOST,
+    LOST_RESPONSE_RETRIES,
     OUT_OF_RESOURCES,
     SUCCESS,
     TIMEOUT,
@@ -53,6 +54,7 @@ from _listener_helpers import (
     send_files,
     shutdown_socket,
     status_of,
+    store_each,
     storescu_command,
     storescu_errors,
     uid_of,
@@ -140,41 +142,17 @@ def tiny_series(seed: int, n: int, size: int = 16) -> list[Dataset]:
     return list(iter_series(seed, "CT", n, size, size))
 
 
-#: The sender's wait for a C-STORE response, and how often it sends again after one was lost.
+#: The senders' wait for a C-STORE response.
 SENDER_DIMSE_TIMEOUT = 5.0
-LOST_RESPONSE_RETRIES = 3
 
 
 def send_datasets(
     port: int, datasets: list[Dataset], *, aet: str = "PYNETDICOM"
 ) -> dict[str, int | None]:
-    """C-STORE `datasets` over one pynetdicom association; SOPInstanceUID to status."""
+    """C-STORE `datasets` (:func:`store_each`); SOPInstanceUID to status."""
     contexts = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}
-    statuses: dict[str, int | None] = {}
-    pending = list(datasets)
-    for _ in range(LOST_RESPONSE_RETRIES + 1):
-        ae = scu(contexts, aet=aet)
-        ae.dimse_timeout = SENDER_DIMSE_TIMEOUT
-        assoc = ae.associate(HOST, port)
-        assert assoc.is_established
-        lost = False
-        try:
-            while pending:
-                started = time.monotonic()
-                status = status_of(assoc.send_c_store(pending[0]))
-                if status is None and time.monotonic() - started >= 0.9 * SENDER_DIMSE_TIMEOUT:
-                    lost = True  # a response pynetdicom lost (see Sender): send it again
-                    break
-                statuses[str(pending.pop(0).SOPInstanceUID)] = status
-        finally:
-            if assoc.is_established:
-                assoc.release()
-            ae.shutdown()
-        if not lost:
-            break
-    for ds in pending:
-        statuses[str(ds.SOPInstanceUID)] = None
-    return statuses
+    statuses = store_each(port, datasets, contexts, aet=aet, dimse_timeout=SENDER_DIMSE_TIMEOUT)
+    return {str(ds.SOPInstanceUID): s for ds, s in zip(datasets, statuses, strict=True)}
 
 
 class Sender:
